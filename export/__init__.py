@@ -1,0 +1,1 @@
+"""diffrt.export: ONNX export, INT8 calibration, TensorRT / ONNX Runtime backends (later issues)."""

@@ -1,0 +1,139 @@
+"""Denoiser: a model, what it predicts, its noise schedule, and how to call it.
+
+``Denoiser(model, schedule, ...)`` wraps any callable; ``Denoiser.from_diffusers(model,
+scheduler_config)`` wraps a diffusers ``UNet2DModel``, ``UNet2DConditionModel``,
+``DiTTransformer2DModel`` or ``Transformer2DModel`` and picks its call convention.
+
+Call convention: ``den(x, t, cond=None) -> prediction`` with x [B, C, H, W] (or any
+[B, ...] sample), t a float tensor [B] of model timesteps, cond per-sample conditioning
+(class labels [B] or embeddings [B, L, D]) or None. The prediction has x's shape.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .schedule import NoiseSchedule
+
+log = logging.getLogger(__name__)
+
+CallFn = Callable[[Any, torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+def _call_unet2d(model, x, t, cond):
+    return model(x, t, class_labels=cond).sample
+
+
+def _call_unet2d_condition(model, x, t, cond):
+    if cond is None:
+        raise ValueError("UNet2DConditionModel needs cond (encoder_hidden_states [B, L, D])")
+    return model(x, t, encoder_hidden_states=cond).sample
+
+
+def _call_transformer2d(model, x, t, cond):
+    if torch.is_tensor(cond) and cond.dim() == 3:
+        out = model(x, timestep=t, encoder_hidden_states=cond).sample
+    else:
+        out = model(x, timestep=t, class_labels=cond).sample
+    channels = x.shape[1]
+    return out[:, :channels] if out.shape[1] == 2 * channels else out  # learned sigma: keep the mean
+
+
+def _call_module(model, x, t, cond):
+    return model(x, t) if cond is None else model(x, t, cond)
+
+
+DIFFUSERS_CALLS: dict[str, CallFn] = {
+    "UNet2DModel": _call_unet2d,
+    "UNet2DConditionModel": _call_unet2d_condition,
+    "DiTTransformer2DModel": _call_transformer2d,
+    "Transformer2DModel": _call_transformer2d,
+    "PixArtTransformer2DModel": _call_transformer2d,
+}
+
+
+class Denoiser:
+    """A model with its prediction type and noise schedule.
+
+    Args:
+        model: any callable; with the default ``call`` it is called ``model(x, t)`` or
+            ``model(x, t, cond)`` and returns a tensor shaped like x.
+        schedule: the :class:`NoiseSchedule` the model was trained with (its
+            ``prediction_type`` says what the model predicts).
+        sample_shape: (C, H, W) of one sample, when known.
+        call: ``call(model, x, t, cond) -> tensor`` for other conventions.
+        dtype: the dtype the model computes in (inputs are cast to it); default: its parameters'.
+    """
+
+    def __init__(self, model: Any, schedule: NoiseSchedule, sample_shape: tuple[int, ...] | None = None,
+                 call: CallFn | None = None, dtype: torch.dtype | None = None):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a NoiseSchedule (NoiseSchedule.from_config(...)), got {type(schedule).__name__}")
+        self.model = model
+        self.schedule = schedule
+        self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
+        self._call = call or _call_module
+        self.dtype = dtype or _param_dtype(model)
+        self.device = _param_device(model)
+
+    @property
+    def prediction_type(self) -> str:
+        """What the model predicts: epsilon, v_prediction, sample or flow."""
+        return self.schedule.prediction_type
+
+    @classmethod
+    def from_diffusers(cls, model: Any, scheduler_config: Mapping[str, Any] | Any,
+                       prediction_type: str | None = None) -> "Denoiser":
+        """Wrap a diffusers model with the scheduler config it was trained with.
+
+        ``scheduler_config`` is a scheduler, its ``.config`` or a plain dict. The prediction
+        type comes from the config unless given.
+        """
+        name = type(model).__name__
+        call = DIFFUSERS_CALLS.get(name)
+        if call is None:
+            raise TypeError(f"{name} is not a supported diffusers model ({', '.join(DIFFUSERS_CALLS)}); "
+                            "wrap it with Denoiser(model, schedule, call=...) instead")
+        schedule = NoiseSchedule.from_config(scheduler_config, prediction_type)
+        cfg = getattr(model, "config", {})
+        shape = None
+        size = cfg.get("sample_size")
+        if size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            shape = (cfg.get("in_channels"), *size)
+        return cls(model, schedule, sample_shape=shape, call=call)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        """Run the model: x [B, ...] at timesteps t [B] -> prediction shaped like x."""
+        if self.dtype is not None and x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        out = self._call(self.model, x, t, cond)
+        if out.shape != x.shape:
+            raise RuntimeError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}; "
+                               "a denoiser's prediction must have the sample's shape")
+        return out
+
+    def __repr__(self) -> str:
+        return (f"Denoiser({type(self.model).__name__}, prediction_type={self.prediction_type!r}, "
+                f"schedule={self.schedule.kind}, sample_shape={self.sample_shape})")
+
+
+def _param_dtype(model: Any) -> torch.dtype | None:
+    params = getattr(model, "parameters", None)
+    if params is None or not inspect.ismethod(params):
+        return None
+    first = next(iter(params()), None)
+    return None if first is None else first.dtype
+
+
+def _param_device(model: Any) -> torch.device | None:
+    params = getattr(model, "parameters", None)
+    if params is None or not inspect.ismethod(params):
+        return None
+    first = next(iter(params()), None)
+    return None if first is None else first.device

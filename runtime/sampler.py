@@ -1,0 +1,188 @@
+"""Sampler: a solver plan, guidance, and the denoising loop.
+
+The loop is device-driven: the step index is a device scalar, the model timestep, its input
+scale and the solver coefficients are read from device tables by that index, and each step
+is one fused kernel (``diffrt.kernels.solver_step``). Nothing in the loop reads a value back
+to the host, so the loop can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable
+
+import torch
+
+from diffrt.kernels import solver_step
+
+from .denoiser import Denoiser
+from .solvers import plan_for, plan_from_scheduler
+from .solvers.plan import SolverPlan
+
+log = logging.getLogger(__name__)
+
+
+class Sampler:
+    """Sample from a denoiser with a solver given by name.
+
+    Args:
+        denoiser: a :class:`Denoiser` (or anything with its call signature and a ``schedule``).
+        solver: a preset name (``diffrt.runtime.solvers.PRESETS``): ddim, euler, euler-ancestral,
+            heun, dpmpp-1m/2m/3m, dpmpp-2m-sde, unipc, deis, lcm, flow-euler.
+        steps: number of inference steps.
+        guidance_scale: classifier-free guidance scale; None runs the conditional branch only.
+        backend: the solver-step backend ("auto", "reference", "cpu", "cuda").
+        options: the scheduler class's options under diffusers' names (``use_karras_sigmas=True``,
+            ``eta=0.5``, ...).
+    """
+
+    def __init__(self, denoiser: Denoiser, solver: str = "dpmpp-2m", steps: int = 20,
+                 guidance_scale: float | None = None, adaptive_guidance: Any = None, early_exit: Any = None,
+                 backend: str = "auto", **options: Any):
+        plan = plan_for(solver, denoiser.schedule, steps, **options)
+        self._init(denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend)
+
+    @classmethod
+    def from_plan(cls, denoiser: Denoiser, plan: SolverPlan, guidance_scale: float | None = None,
+                  backend: str = "auto") -> "Sampler":
+        """A sampler running a prepared plan."""
+        self = cls.__new__(cls)
+        self._init(denoiser, plan, guidance_scale, None, None, backend)
+        return self
+
+    @classmethod
+    def from_scheduler(cls, model: Any, scheduler: Any, num_inference_steps: int,
+                       guidance_scale: float | None = None, backend: str = "auto", **step_options: Any) -> "Sampler":
+        """Reproduce a configured diffusers scheduler's trajectory.
+
+        ``model`` is a diffusers model or a :class:`Denoiser`; step-time options of the scheduler
+        (``eta=`` for DDIM) are keyword arguments. An option not reproduced raises NotImplementedError.
+        """
+        den = model if isinstance(model, Denoiser) else Denoiser.from_diffusers(model, scheduler.config)
+        plan = plan_from_scheduler(scheduler, num_inference_steps, schedule=den.schedule, **step_options)
+        return cls.from_plan(den, plan, guidance_scale, backend)
+
+    def _init(self, denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend) -> None:
+        if adaptive_guidance is not None:
+            raise NotImplementedError("adaptive_guidance is not implemented yet")
+        if early_exit is not None:
+            raise NotImplementedError("early_exit is not implemented yet")
+        if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        self.denoiser = denoiser
+        self.plan = plan
+        self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
+        self.backend = backend
+        self._device_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    @property
+    def steps(self) -> int:
+        """Model evaluations per sample (2N-1 for Heun)."""
+        return self.plan.steps
+
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(coefficients, int table, model timesteps fp32, input scales fp32) on ``device``, built once."""
+        key = (str(device),)
+        if key not in self._device_tables:
+            table, itable = self.plan.tables(self.guidance_scale)
+            self._device_tables[key] = (table.to(device), itable.to(device),
+                                        self.plan.timesteps().to(torch.float32).to(device),
+                                        self.plan.input_scales().to(torch.float32).to(device))
+        return self._device_tables[key]
+
+    def draw_noise(self, shape: torch.Size, dtype: torch.dtype, device: torch.device,
+                   generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor | None:
+        """All step noise of the trajectory, [n_noise, *shape], drawn in the reference's order."""
+        if self.plan.n_noise == 0:
+            return None
+        noise_dtype = self.plan.noise_dtype or dtype
+        draws = [_randn(shape, generator, device, noise_dtype).to(dtype) for _ in range(self.plan.n_noise)]
+        return torch.stack(draws)
+
+    def sample(self, noise: torch.Tensor, cond: Any = None, uncond: Any = None,
+               generator: torch.Generator | list[torch.Generator] | None = None,
+               callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Denoise unit Gaussian ``noise`` [B, *sample_shape] into samples.
+
+        The schedule's initial scale (diffusers' ``init_noise_sigma``) is applied here. With a
+        guidance scale, ``uncond`` is the unconditional conditioning (e.g. the null class).
+        ``generator`` seeds the step noise of stochastic solvers. ``callback(i, x)`` sees the
+        sample after each step (it may sync; leave it out for speed).
+        """
+        self._check_noise(noise)
+        guided = self.guidance_scale is not None
+        if guided and uncond is None:
+            raise ValueError("guidance_scale is set, so sample() needs uncond (the unconditional conditioning)")
+        device = noise.device
+        table, itable, timesteps, scales = self.tables(device)
+        x = noise * self.plan.init_noise_sigma
+        history = torch.zeros((self.plan.n_slots, *x.shape), dtype=x.dtype, device=device) if self.plan.n_slots else None
+        step_noise = self.draw_noise(x.shape, x.dtype, device, generator)
+        model_cond = _cat_cond(uncond, cond) if guided else cond
+        step = torch.zeros((), dtype=torch.int64, device=device)
+        batch = x.shape[0]
+        for i in range(self.plan.steps):
+            idx = step.reshape(1)
+            x_in = x * scales.index_select(0, idx).to(x.dtype)
+            t = timesteps.index_select(0, idx)
+            if guided:
+                out = self.denoiser(torch.cat([x_in, x_in]), t.expand(2 * batch), model_cond)
+                out_uncond, out_cond = out.chunk(2)
+            else:
+                out_cond, out_uncond = self.denoiser(x_in, t.expand(batch), model_cond), None
+            x = solver_step(x, out_cond, out_uncond, history, step_noise, table, itable, step,
+                            out=x, backend=self.backend)
+            step += 1
+            if callback is not None:
+                callback(i, x)
+        return x
+
+    def timed_sample(self, noise: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, float]:
+        """``sample()`` and its wall time in seconds (synchronising the device around it)."""
+        _sync(noise.device)
+        start = time.perf_counter()
+        x = self.sample(noise, **kwargs)
+        _sync(noise.device)
+        return x, time.perf_counter() - start
+
+    def _check_noise(self, noise: torch.Tensor) -> None:
+        if not torch.is_tensor(noise):
+            raise TypeError(f"noise must be a tensor, got {type(noise).__name__}")
+        if not noise.is_floating_point():
+            raise TypeError(f"noise must be a floating-point tensor, got {noise.dtype}")
+        if noise.dim() < 2:
+            raise ValueError(f"noise must be [B, *sample_shape], got shape {tuple(noise.shape)}")
+        shape = getattr(self.denoiser, "sample_shape", None)
+        if shape is not None and None not in shape and tuple(noise.shape[1:]) != tuple(shape):
+            raise ValueError(f"noise has sample shape {tuple(noise.shape[1:])}; the denoiser samples {tuple(shape)}")
+        model_device = getattr(self.denoiser, "device", None)
+        if model_device is not None and model_device.type != noise.device.type:
+            raise ValueError(f"noise is on {noise.device}, the model on {model_device}: move one of them")
+        if not torch.isfinite(noise).all():
+            raise ValueError("noise contains NaN or Inf")
+
+
+def _randn(shape, generator, device, dtype) -> torch.Tensor:
+    """torch.randn as diffusers' randn_tensor draws it (CPU generator -> draw on CPU, then move)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([_randn((1, *shape[1:]), g, device, dtype) for g in generator])
+    draw_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def _cat_cond(uncond: Any, cond: Any) -> Any:
+    if torch.is_tensor(cond) and torch.is_tensor(uncond):
+        if uncond.shape[1:] != cond.shape[1:]:
+            raise ValueError(f"uncond shape {tuple(uncond.shape)} does not match cond shape {tuple(cond.shape)}")
+        if uncond.shape[0] != cond.shape[0]:
+            uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])
+        return torch.cat([uncond, cond])
+    raise TypeError("classifier-free guidance needs cond and uncond as tensors")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

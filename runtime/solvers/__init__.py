@@ -1,0 +1,77 @@
+"""Solver plans for every supported solver, and the map from diffusers scheduler classes.
+
+Each solver module registers a builder ``build(schedule, config, num_inference_steps,
+step_options) -> SolverPlan`` for the diffusers scheduler class it reproduces, plus short
+preset names for ``Sampler(den, solver=...)``. ``config`` holds that class's options under
+diffusers' names (a missing key means the class default); a builder raises
+NotImplementedError naming any option it does not reproduce.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..schedule import NoiseSchedule
+from .plan import Combo, SolverPlan, StepRow
+
+Builder = Callable[[NoiseSchedule, dict, int, dict], SolverPlan]
+
+SCHEDULERS: dict[str, Builder] = {}
+PRESETS: dict[str, tuple[str, dict]] = {}
+
+# Keys of a scheduler config that describe the training schedule, not the solver.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "prediction_type", "rescale_betas_zero_snr", "shift", "flow_shift", "use_dynamic_shifting")
+
+
+def register(scheduler_class: str, presets: dict[str, dict] | None = None) -> Callable[[Builder], Builder]:
+    """Decorator: register ``builder`` for a diffusers class and its preset solver names."""
+    def wrap(builder: Builder) -> Builder:
+        SCHEDULERS[scheduler_class] = builder
+        for name, overrides in (presets or {}).items():
+            PRESETS[name] = (scheduler_class, overrides)
+        return builder
+    return wrap
+
+
+def plan_from_scheduler(scheduler: Any, num_inference_steps: int, schedule: NoiseSchedule | None = None,
+                        **step_options: Any) -> SolverPlan:
+    """The plan that reproduces a configured diffusers scheduler (class and config)."""
+    name = type(scheduler).__name__
+    if name not in SCHEDULERS:
+        raise NotImplementedError(f"scheduler {name} is not supported; supported: {', '.join(sorted(SCHEDULERS))}")
+    config = dict(scheduler.config)
+    schedule = schedule or NoiseSchedule.from_config(scheduler.config)
+    return SCHEDULERS[name](schedule, config, _check_steps(num_inference_steps), dict(step_options))
+
+
+def plan_for(solver: str, schedule: NoiseSchedule, num_inference_steps: int, **options: Any) -> SolverPlan:
+    """The plan of a preset solver name (``"dpmpp-2m"``, ``"ddim"``, ...) on ``schedule``.
+
+    ``options`` are the scheduler class's config options (diffusers names) or step-time options
+    (``eta=`` for DDIM); they override the preset.
+    """
+    if solver not in PRESETS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(PRESETS))}")
+    class_name, preset = PRESETS[solver]
+    step_keys = STEP_OPTIONS.get(class_name, ())
+    step_options = {k: options.pop(k) for k in list(options) if k in step_keys}
+    config = {k: v for k, v in schedule.config.items() if k in SCHEDULE_KEYS}
+    config.update(preset)
+    config.update(options)
+    config["_class_name"] = class_name
+    return SCHEDULERS[class_name](schedule, config, _check_steps(num_inference_steps), step_options)
+
+
+# Options diffusers takes in ``step()`` rather than in the config, per class.
+STEP_OPTIONS: dict[str, tuple[str, ...]] = {"DDIMScheduler": ("eta", "use_clipped_model_output")}
+
+
+def _check_steps(steps: int) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+    return steps
+
+
+from . import ddim, deis, dpm, euler, flow, lcm, unipc  # noqa: E402,F401  (registers the builders)
+
+__all__ = ["Combo", "SolverPlan", "StepRow", "SCHEDULERS", "PRESETS", "register", "plan_for", "plan_from_scheduler"]
