@@ -102,15 +102,17 @@ class Sampler:
 
     def sample(self, noise: torch.Tensor, cond: Any = None, uncond: Any = None,
                generator: torch.Generator | list[torch.Generator] | None = None,
-               callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+               callback: Callable[[int, torch.Tensor], None] | None = None, check: bool = True) -> torch.Tensor:
         """Denoise unit Gaussian ``noise`` [B, *sample_shape] into samples.
 
         The schedule's initial scale (diffusers' ``init_noise_sigma``) is applied here. With a
         guidance scale, ``uncond`` is the unconditional conditioning (e.g. the null class).
         ``generator`` seeds the step noise of stochastic solvers. ``callback(i, x)`` sees the
-        sample after each step (it may sync; leave it out for speed).
+        sample after each step (it may sync; leave it out for speed). ``check=False`` skips the
+        input validation, whose NaN scan syncs the host (needed inside CUDA graph capture).
         """
-        self._check_noise(noise)
+        if check:
+            self._check_noise(noise)
         guided = self.guidance_scale is not None
         if guided and uncond is None:
             raise ValueError("guidance_scale is set, so sample() needs uncond (the unconditional conditioning)")

@@ -1,0 +1,139 @@
+"""The ``diffrt`` command line.
+
+``diffrt sample``: sample with a diffrt solver and with the matching diffusers scheduler loop
+on the same noise and model, and print per-step time and the parity between the two.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import torch
+
+log = logging.getLogger("diffrt")
+
+
+def _tiny_unet(channels: int, size: int, seed: int):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, layers_per_block=1,
+                       block_out_channels=(32, 64), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), num_class_embeds=10).eval()
+
+
+def _diffusers_scheduler(solver: str, schedule_config: dict, options: dict):
+    import diffusers
+
+    from .solvers import PRESETS, STEP_OPTIONS
+
+    class_name, preset = PRESETS[solver]
+    step_keys = STEP_OPTIONS.get(class_name, ())
+    config = {**schedule_config, **preset, **{k: v for k, v in options.items() if k not in step_keys}}
+    return getattr(diffusers, class_name)(**config), {k: v for k, v in options.items() if k in step_keys}
+
+
+def _diffusers_loop(scheduler, unet, noise, cond, steps, step_kwargs, generator):
+    """The canonical diffusers loop; returns (final sample, per-step seconds, per-step samples)."""
+    scheduler.set_timesteps(steps)
+    x = noise * scheduler.init_noise_sigma
+    times, samples = [], []
+    for t in scheduler.timesteps:
+        start = time.perf_counter()
+        m = unet(scheduler.scale_model_input(x, t), t, class_labels=cond).sample
+        x = scheduler.step(m, t, x, generator=generator, **step_kwargs).prev_sample
+        _sync(x.device)
+        times.append(time.perf_counter() - start)
+        samples.append(x.clone())
+    return x, times, samples
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Run diffrt's sampler and diffusers' loop side by side; print per-step time and parity."""
+    from diffrt.runtime import Denoiser, Sampler
+
+    from .quality_stats import relative_error
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    unet = _tiny_unet(args.channels, args.resolution, args.seed).to(device)
+    schedule_config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                       "beta_end": 0.012, "prediction_type": "epsilon"}
+    options = {"eta": args.eta} if args.eta is not None else {}
+    scheduler, step_kwargs = _diffusers_scheduler(args.solver, schedule_config, options)
+    den = Denoiser.from_diffusers(unet, scheduler.config)
+    sampler = Sampler(den, solver=args.solver, steps=args.steps, backend=args.backend, **options)
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn(args.batch, args.channels, args.resolution, args.resolution, generator=gen).to(device)
+    cond = (torch.arange(args.batch) % 10).to(device)
+
+    ours, marks = [], []
+    with torch.no_grad():
+        sampler.sample(noise, cond=cond, generator=torch.Generator().manual_seed(args.seed + 1))  # warm-up
+        _sync(device)
+        marks.append(time.perf_counter())
+
+        def record(i, x):
+            _sync(device)
+            marks.append(time.perf_counter())
+            ours.append(x.clone())
+
+        sampler.sample(noise, cond=cond, generator=torch.Generator().manual_seed(args.seed + 1), callback=record)
+        _, ref_times, ref = _diffusers_loop(scheduler, unet, noise, cond, args.steps, step_kwargs,
+                                            torch.Generator().manual_seed(args.seed + 1))
+    our_times = [b - a for a, b in zip(marks, marks[1:])]
+    timesteps = sampler.plan.timesteps().tolist()
+    print(f"diffrt sample: solver={args.solver} steps={args.steps} model=tiny-unet "
+          f"{args.batch}x{args.channels}x{args.resolution}x{args.resolution} device={device} backend={args.backend}")
+    print(f"{'step':>4} {'timestep':>9} {'diffrt ms':>10} {'diffusers ms':>13} {'rel. error':>11}")
+    errors = []
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        errors.append(relative_error(a, b))
+        print(f"{i:>4} {timesteps[i]:>9.2f} {our_times[i] * 1e3:>10.2f} {ref_times[i] * 1e3:>13.2f} {errors[-1]:>11.2e}")
+    worst = max(errors)
+    ok = len(ours) == len(ref) and worst <= args.tolerance
+    print(f"total: diffrt {sum(our_times) * 1e3:.1f} ms, diffusers {sum(ref_times) * 1e3:.1f} ms; "
+          f"worst relative error {worst:.2e} ({'PASS' if ok else 'FAIL'} at {args.tolerance:g})")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .solvers import PRESETS
+
+    parser = argparse.ArgumentParser(prog="diffrt", description="diffrt: an inference runtime for diffusion models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("sample", help="sample with diffrt and diffusers side by side; per-step time and parity")
+    p.add_argument("--solver", default="dpmpp-2m", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta")
+    p.add_argument("--backend", default="auto", help="solver-step backend: auto, reference, cpu, cuda")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=1e-5, help="largest relative error accepted at any step")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, NotImplementedError, TypeError) as exc:
+        log.error("%s", exc)
+        return 2
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
