@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -21,6 +22,17 @@ from .solvers import plan_for, plan_from_scheduler
 from .solvers.plan import SolverPlan
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplerState:
+    """A trajectory in flight: the sample, the history slots, the pre-drawn step noise
+    [n_noise, *x.shape] and the device-side step index (0-dim int64)."""
+
+    x: torch.Tensor
+    history: torch.Tensor | None
+    noise: torch.Tensor | None
+    step: torch.Tensor
 
 
 class Sampler:
@@ -116,29 +128,42 @@ class Sampler:
         guided = self.guidance_scale is not None
         if guided and uncond is None:
             raise ValueError("guidance_scale is set, so sample() needs uncond (the unconditional conditioning)")
+        state = self.start(noise, generator)
+        model_cond = _cat_cond(uncond, cond) if guided else cond
+        for i in range(self.plan.steps):
+            x_in, t = self.model_inputs(state)
+            if guided:
+                out_uncond, out_cond = self.denoiser(torch.cat([x_in, x_in]), t.repeat(2), model_cond).chunk(2)
+            else:
+                out_cond, out_uncond = self.denoiser(x_in, t, model_cond), None
+            self.step(state, out_cond, out_uncond)
+            if callback is not None:
+                callback(i, state.x)
+        return state.x
+
+    def start(self, noise: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+              ) -> "SamplerState":
+        """A fresh trajectory from unit noise: x = init_noise_sigma * noise, empty history, step 0."""
         device = noise.device
-        table, itable, timesteps, scales = self.tables(device)
         x = noise * self.plan.init_noise_sigma
         history = torch.zeros((self.plan.n_slots, *x.shape), dtype=x.dtype, device=device) if self.plan.n_slots else None
-        step_noise = self.draw_noise(x.shape, x.dtype, device, generator)
-        model_cond = _cat_cond(uncond, cond) if guided else cond
-        step = torch.zeros((), dtype=torch.int64, device=device)
-        batch = x.shape[0]
-        for i in range(self.plan.steps):
-            idx = step.reshape(1)
-            x_in = x * scales.index_select(0, idx).to(x.dtype)
-            t = timesteps.index_select(0, idx)
-            if guided:
-                out = self.denoiser(torch.cat([x_in, x_in]), t.expand(2 * batch), model_cond)
-                out_uncond, out_cond = out.chunk(2)
-            else:
-                out_cond, out_uncond = self.denoiser(x_in, t.expand(batch), model_cond), None
-            x = solver_step(x, out_cond, out_uncond, history, step_noise, table, itable, step,
-                            out=x, backend=self.backend)
-            step += 1
-            if callback is not None:
-                callback(i, x)
-        return x
+        return SamplerState(x, history, self.draw_noise(x.shape, x.dtype, device, generator),
+                            torch.zeros((), dtype=torch.int64, device=device))
+
+    def model_inputs(self, state: "SamplerState") -> tuple[torch.Tensor, torch.Tensor]:
+        """(c_in * x, model timesteps [B]) for the state's current step, read on the device."""
+        _, _, timesteps, scales = self.tables(state.x.device)
+        idx = state.step.reshape(1)
+        x_in = state.x * scales.index_select(0, idx).to(state.x.dtype)
+        return x_in, timesteps.index_select(0, idx).expand(state.x.shape[0])
+
+    def step(self, state: "SamplerState", out_cond: torch.Tensor, out_uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """One fused solver step from the model outputs; advances ``state`` in place, returns x."""
+        table, itable, _, _ = self.tables(state.x.device)
+        solver_step(state.x, out_cond, out_uncond, state.history, state.noise, table, itable, state.step,
+                    out=state.x, backend=self.backend)
+        state.step += 1
+        return state.x
 
     def timed_sample(self, noise: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, float]:
         """``sample()`` and its wall time in seconds (synchronising the device around it)."""

@@ -61,12 +61,16 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | Any, prediction_type: str | None = None) -> "NoiseSchedule":
         """Build from a diffusers scheduler config (a dict or a ``FrozenDict``) or a scheduler."""
+        cls_name = ""
         if hasattr(config, "config") and not isinstance(config, Mapping):
+            cls_name = type(config).__name__
             config = config.config
         cfg = dict(config)
-        cls_name = cfg.get("_class_name", "")
+        cls_name = cfg.get("_class_name", cls_name)
         n = int(cfg.get("num_train_timesteps", 1000))
-        is_flow = "FlowMatch" in cls_name or cfg.get("prediction_type") == "flow" or cfg.get("use_flow_sigmas", False)
+        # Flow-matching configs name their class, or carry a shift and no betas.
+        is_flow = ("FlowMatch" in cls_name or cfg.get("prediction_type") == "flow" or cfg.get("use_flow_sigmas", False)
+                   or ("shift" in cfg and "beta_start" not in cfg and "trained_betas" not in cfg))
         if is_flow:
             ptype = prediction_type or "flow"
             _check_prediction_type(ptype)
@@ -87,6 +91,15 @@ class NoiseSchedule:
         """A DDPM linear-beta schedule (the default of diffusers' DDPMScheduler)."""
         return cls.from_config({"num_train_timesteps": num_train_timesteps, "beta_start": beta_start,
                                 "beta_end": beta_end, "beta_schedule": "linear", "prediction_type": prediction_type})
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """Training noise levels per timestep: VP: sqrt((1 - abar) / abar) (diffusers' sigmas); flow:
+        the shifted sigma s' = shift s / (1 + (shift - 1) s) at s = t / T, t = 1..T."""
+        if self.kind == "vp":
+            return ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        s = torch.arange(1, self.num_train_timesteps + 1, dtype=torch.float32) / self.num_train_timesteps
+        return self.shift * s / (1 + (self.shift - 1) * s)
 
     def with_config(self, **overrides: Any) -> "NoiseSchedule":
         """A copy whose config has ``overrides`` applied (the schedule itself is shared)."""
