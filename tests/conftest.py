@@ -8,6 +8,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    # diffusers' schedulers call numpy on torch tensors in ways numpy 2 deprecates: not ours to fix.
+    config.addinivalue_line("filterwarnings", "ignore:__array:DeprecationWarning")
 
 
 def pytest_collection_modifyitems(config, items):

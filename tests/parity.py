@@ -1,6 +1,7 @@
 """Shared helpers for parity tests against diffusers schedulers."""
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -36,17 +37,20 @@ def diffusers_trajectory(scheduler, model_fn, noise, steps, cond=None, uncond=No
                          generator=None, **step_kwargs):
     """Run the canonical diffusers sampling loop; returns the sample after every step."""
     scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers have no initial scale
+    scale = getattr(scheduler, "scale_model_input", lambda sample, t: sample)
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        step_kwargs = {"generator": generator, **step_kwargs}
     traj = []
     for t in scheduler.timesteps:
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = scale(x, t)
         if guidance_scale is not None:
             out = model_fn(torch.cat([x_in, x_in]), t, torch.cat([uncond, cond]))
             u, c = out.chunk(2)
             m = u + guidance_scale * (c - u)
         else:
             m = model_fn(x_in, t, cond)
-        x = scheduler.step(m, t, x, generator=generator, **step_kwargs).prev_sample
+        x = scheduler.step(m, t, x, **step_kwargs).prev_sample
         traj.append(x)
     return traj
 

@@ -5,13 +5,15 @@ with alpha = 1 / sqrt(sigma_hat^2 + 1), sigma = sigma_hat * alpha, lambda = log 
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 
 def ve_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:
     """sigma_hat_t = sqrt((1 - abar_t) / abar_t) for every training timestep (float32 maths, as diffusers)."""
-    return np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)
+    return (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).numpy()
 
 
 def alpha_sigma(sigma_hat: float) -> tuple[float, float]:
@@ -54,3 +56,39 @@ def data_prediction(prediction_type: str, alpha: float, sigma: float) -> tuple[f
     if prediction_type == "flow":
         return 1.0, -sigma
     raise NotImplementedError(f"prediction_type={prediction_type!r} is not supported by this solver")
+
+
+def multistep_timesteps(spacing: str, num_train: int, steps: int, steps_offset: int = 0,
+                        last_timestep: int | None = None) -> np.ndarray:
+    """Descending int64 timestep grid of diffusers' multistep schedulers (DPM-Solver, DEIS, UniPC).
+
+    The grid has ``steps + 1`` points of which the smallest is dropped:
+    linspace: round(linspace(0, last - 1, steps + 1))[::-1][:-1];
+    leading:  (arange(steps + 1) * (last // (steps + 1)))[::-1][:-1] + steps_offset;
+    trailing: round(arange(last, 0, -num_train / steps)) - 1 (its length can differ from ``steps``
+    when ``last`` < ``num_train``). ``last_timestep`` (default ``num_train``) is DPM-Solver's
+    lambda_min_clipped cut-off.
+    """
+    last = num_train if last_timestep is None else int(last_timestep)
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        ratio = last // (steps + 1)
+        return (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        ratio = num_train / steps
+        return np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
+    raise NotImplementedError(f"timestep_spacing={spacing!r} is not supported (linspace, leading, trailing)")
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> np.ndarray:
+    """Noise levels evenly spaced in log sigma, descending: exp(linspace(log max, log min, num_steps))."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), num_steps))
+
+
+def zero_snr_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """diffusers' sigma-space schedulers with rescale_betas_zero_snr set abar[-1] = 2**-24 (so sigma_max ~ 4096
+    stays finite); NoiseSchedule keeps the raw cumprod (abar[-1] = 0). Returns a copy."""
+    abar = alphas_cumprod.clone()
+    abar[-1] = 2**-24
+    return abar
