@@ -6,6 +6,7 @@ on the same noise and model, and print per-step time and the parity between the 
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 import time
@@ -39,12 +40,15 @@ def _diffusers_scheduler(solver: str, schedule_config: dict, options: dict):
 def _diffusers_loop(scheduler, unet, noise, cond, steps, step_kwargs, generator):
     """The canonical diffusers loop; returns (final sample, per-step seconds, per-step samples)."""
     scheduler.set_timesteps(steps)
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        step_kwargs = {"generator": generator, **step_kwargs}
     times, samples = [], []
     for t in scheduler.timesteps:
         start = time.perf_counter()
-        m = unet(scheduler.scale_model_input(x, t), t, class_labels=cond).sample
-        x = scheduler.step(m, t, x, generator=generator, **step_kwargs).prev_sample
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        m = unet(x_in, t, class_labels=cond).sample
+        x = scheduler.step(m, t, x, **step_kwargs).prev_sample
         _sync(x.device)
         times.append(time.perf_counter() - start)
         samples.append(x.clone())

@@ -1,1 +1,289 @@
-"""Placeholder until this solver lands."""
+"""UniPC (Zhao et al. 2023): UniP predictor + UniC corrector, as diffusers' UniPCMultistepScheduler.
+
+Noise levels are VE sigmas s_i with alpha_i = 1/sqrt(s_i^2 + 1), sigma_i = s_i alpha_i,
+lambda_i = log alpha_i - log sigma_i. The model output at step i is converted (from the
+*uncorrected* sample x_i the model saw) to M_i: the data prediction x0 (predict_x0, default) or
+the noise prediction eps. A B(h) update from s0 to t with order p, h = lambda_t - lambda_s0,
+hh = -h (predict_x0) or h, B(h) = hh (bh1) or e^hh - 1 (bh2), r_k = (lambda_{s_k} - lambda_s0)/h:
+
+    predict_x0:  x_t = sigma_t/sigma_s0 x - alpha_t (e^hh - 1) M_s0 - alpha_t B(h) R
+    eps:         x_t = alpha_t/alpha_s0 x - sigma_t (e^hh - 1) M_s0 - sigma_t B(h) R
+
+    UniP (predictor, step i: s0 = s_i, t = s_{i+1}, x = x_c):
+        R = sum_{k=1}^{p-1} rho^p_k (M_{i-k} - M_i)/r_k
+    UniC (corrector at step i: s0 = s_{i-1}, t = s_i, x = the previous corrected sample L_{i-1}):
+        R = sum_{k=1}^{p-1} rho^c_k (M_{i-1-k} - M_{i-1})/r_k + rho^c_p (M_i - M_{i-1})
+
+rho solves the Vandermonde system sum_k r_k^(j-1) rho_k = b_j (r_p = 1), j = 1..p, with
+b_j = j! hphi_{j+1} / B(h) with hphi_1 = e^hh - 1, hphi_2 = hphi_1/hh - 1,
+hphi_{j+1} = hphi_j/hh - 1/j!: the corrector uses the full p x p system (p = 1: rho = 1/2), the
+predictor the leading (p-1) x (p-1) block (p = 2: rho = 1/2). The scalars are computed as
+diffusers computes them (0-dim float32 torch), the systems are solved in float64 on the host.
+
+Step i: the corrector (on unless i = 0 or i - 1 in disable_corrector) uses the order of step
+i - 1; the predictor's order is min(solver_order, i + 1) (warm-up), also <= N - i with
+lower_order_final (for any N, unlike DPM-Solver). Everything is linear, so one table row holds
+both: out = UniP(x_c = UniC(L_{i-1}, M_{i-1..}, x0 = M_i)), and the row writes M_i and
+L_i = x_c to history (M_j in ring slot j % K, K the largest lag read; L in slot K).
+
+Precision: predict_x0=False with a "sample" or "v_prediction" model is ill-conditioned in fp32
+(eps = (x - alpha m)/sigma at small sigma; alpha_t/alpha_s0 x - sigma_t (e^h - 1) eps cancels at
+large sigma): diffusers' own fp32 steps are up to ~1e-3 off its fp64 run and ours, one fused
+combination per step, up to ~3.5x that, so parity there is ~1e-4 rather than 1e-5 (a warning is
+logged). Everything else matches diffusers to ~1e-6.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..schedule import NoiseSchedule
+from . import register
+from .ddim import check_unsupported
+from .dpm import alpha_sigma_lambda, check_first_timestep, noise_prediction, vp_schedule
+from .plan import Combo, SolverPlan, StepRow
+from .sigmas import (data_prediction, karras_sigmas, multistep_timesteps, sigma_to_t, ve_sigmas,
+                     zero_snr_alphas_cumprod)
+
+logger = logging.getLogger(__name__)
+NAME = "UniPCMultistepScheduler"
+UNSUPPORTED = {"thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+               "use_flow_sigmas": False, "use_dynamic_shifting": False, "solver_p": None, "shift_terminal": None}
+
+Form = dict  # linear form: {"x": w, ("M", j): w, ("L", j): w}; M_j model output j, L_j corrected sample j
+
+
+def unipc_grid(alphas_cumprod: torch.Tensor, config: dict, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps int64 [N], VE sigmas float32 [N + 1]) as UniPCMultistepScheduler.set_timesteps.
+
+    Karras: timesteps round(sigma_to_t(karras sigmas)) (config sigma_min / sigma_max override the
+    training range), final level the last Karras sigma or 0; otherwise sigmas interpolated at the
+    spaced timesteps, final level the training sigma_min or 0.
+    """
+    n_train = alphas_cumprod.shape[0]
+    timesteps = multistep_timesteps(config.get("timestep_spacing", "linspace"), n_train, steps,
+                                    int(config.get("steps_offset", 0)))
+    final = config.get("final_sigmas_type", "zero")
+    if final not in ("zero", "sigma_min"):
+        raise NotImplementedError(f"{NAME}: final_sigmas_type={final!r} is not reproduced (zero, sigma_min)")
+    sigmas = ve_sigmas(alphas_cumprod)
+    if config.get("use_karras_sigmas", False):
+        lo = config.get("sigma_min")
+        hi = config.get("sigma_max")
+        grid = karras_sigmas(sigmas[0].item() if lo is None else lo, sigmas[-1].item() if hi is None else hi, steps)
+        log_sigmas = np.log(sigmas)
+        timesteps = np.array([sigma_to_t(s, log_sigmas) for s in grid]).round().astype(np.int64)
+        last = grid[-1] if final == "sigma_min" else 0.0
+        return timesteps, np.concatenate([grid, [last]]).astype(np.float32)
+    grid = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+    last = (((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5).item() if final == "sigma_min" else 0.0
+    return timesteps, np.concatenate([grid, [last]]).astype(np.float32)
+
+
+def unipc_orders(n: int, solver_order: int, lower_order_final: bool) -> list[int]:
+    """Predictor order of each of ``n`` steps: min(solver_order, i + 1[, n - i with lower_order_final]).
+
+    Orders above 3 are refused: expanded into one weight per stored output, the order-4 differences
+    lose more fp32 precision than diffusers' (measured 1.8e-5 vs diffusers, 3x its own fp32 error).
+    """
+    if isinstance(solver_order, bool) or not isinstance(solver_order, int) or solver_order < 1:
+        raise ValueError(f"{NAME}: solver_order must be a positive int, got {solver_order!r}")
+    if solver_order > 3:
+        raise NotImplementedError(f"{NAME}: solver_order={solver_order} is not reproduced to 1e-5 (1, 2, 3)")
+    return [min(solver_order, n - i if lower_order_final else solver_order, min(i, solver_order) + 1)
+            for i in range(n)]
+
+
+def bh_update(levels: list[torch.Tensor], order: int, predict_x0: bool, bh1: bool, corrector: bool
+              ) -> tuple[float, float, float, list[float], list[float]]:
+    """(x weight, M_s0 weight, weight of R, [r_1..r_{p-1}], [rho_1..]) of one B(h) update.
+
+    ``levels`` = [s_t, s_s0, s_s1, ...] (float32 0-dim); rho has p entries for the corrector and
+    p - 1 for the predictor. Scalars follow diffusers' float32 expressions; rho is solved in float64.
+    """
+    (alpha_t, sigma_t, lam_t), (alpha_s0, sigma_s0, lam_s0) = [alpha_sigma_lambda(s) for s in levels[:2]]
+    h = lam_t - lam_s0
+    rks = [(alpha_sigma_lambda(s)[2] - lam_s0) / h for s in levels[2:order + 1]]
+    hh = -h if predict_x0 else h
+    h_phi_1 = torch.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if bh1 else torch.expm1(hh)
+    factorial_i, b = 1, []
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial_i / b_h)
+        factorial_i *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial_i
+    if predict_x0:
+        x_w, m0_w, res_w = sigma_t / sigma_s0, -(alpha_t * h_phi_1), -(alpha_t * b_h)
+    else:
+        x_w, m0_w, res_w = alpha_t / alpha_s0, -(sigma_t * h_phi_1), -(sigma_t * b_h)
+    r = [rk.item() for rk in rks]
+    size = order if corrector else order - 1
+    if (corrector and order == 1) or (not corrector and order == 2):
+        rhos = [0.5]
+    elif size == 0:
+        rhos = []
+    else:
+        nodes = np.array(r + [1.0], dtype=np.float64)[:size]
+        vander = np.stack([nodes**j for j in range(size)])
+        rhos = np.linalg.solve(vander, np.array([v.item() for v in b[:size]], dtype=np.float64)).tolist()
+    return x_w.item(), m0_w.item(), res_w.item(), r, rhos
+
+
+def _add(form: Form, key, weight: float) -> None:
+    form[key] = form.get(key, 0.0) + weight
+
+
+def _update_form(x_form: Form, s0: int, order: int, coefs, corrector: bool) -> Form:
+    """Linear form of a B(h) update from step s0 applied to ``x_form`` (see the module docstring)."""
+    x_w, m0_w, res_w, r, rhos = coefs
+    form: Form = {}
+    for key, w in x_form.items():
+        _add(form, key, x_w * w)
+    _add(form, ("M", s0), m0_w)
+    for k in range(1, order):  # rho_k (M_{s0-k} - M_s0) / r_k
+        w = res_w * rhos[k - 1] / r[k - 1]
+        _add(form, ("M", s0 - k), w)
+        _add(form, ("M", s0), -w)
+    if corrector:  # rho_p (M_{s0+1} - M_s0)
+        _add(form, ("M", s0 + 1), res_w * rhos[-1])
+        _add(form, ("M", s0), -res_w * rhos[-1])
+    return form
+
+
+def _check_finite_config(orders: list[int], final_zero: bool, predict_x0: bool, bh1: bool) -> None:
+    """Refuse what diffusers itself turns into NaN at the last step (sigma_t = 0 makes h infinite)."""
+    if not final_zero:
+        return
+    if bh1:
+        problem = "solver_type='bh1' (B(h) = h is infinite, times a zero residual)"
+    elif not predict_x0:
+        problem = "predict_x0=False (sigma_t * (e^h - 1) is 0 * inf)"
+    elif orders[-1] > 1:
+        problem = f"a final step of order {orders[-1]} (lower_order_final=False: r_k = 0)"
+    else:
+        return
+    raise ValueError(f"{NAME}: final_sigmas_type='zero' with {problem} gives NaN in diffusers' last step; "
+                     "use final_sigmas_type='sigma_min'")
+
+
+def _check_finite_rows(rows: list[StepRow], orders: list[int]) -> None:
+    """Refuse a plan with a non-finite weight (Karras + sigma_min repeats the last sigma: h = 0 at the last
+    step, and diffusers' order >= 3 solve there is NaN)."""
+    for i, row in enumerate(rows):
+        combos = [row.out] + [c for _, c in row.writes]
+        weights = [row.x0_x, row.x0_model] + [w for c in combos for w in (c.x, c.x0, *c.hist.values())]
+        if not np.isfinite(weights).all():
+            raise ValueError(f"{NAME}: step {i} (order {orders[i]}) has non-finite coefficients, as diffusers' "
+                             "step does (h = 0 or infinite); set lower_order_final=True or change final_sigmas_type")
+
+
+def _conversion(ptype: str, predict_x0: bool, level: torch.Tensor) -> tuple[float, float]:
+    """(x weight, model weight) of M: data prediction (predict_x0) or noise prediction."""
+    if ptype not in ("epsilon", "v_prediction", "sample"):
+        raise NotImplementedError(f"{NAME}: prediction_type={ptype!r} is not reproduced (epsilon, v_prediction, sample)")
+    alpha, sigma, _ = alpha_sigma_lambda(level)
+    return (data_prediction if predict_x0 else noise_prediction)(ptype, alpha.item(), sigma.item())
+
+
+def trajectory_forms(n: int, orders: list[int], corrected: list[bool], coefs) -> tuple[list[Form], list[Form]]:
+    """(next-sample form, corrected-sample form) of every step; coefs[i] = (corrector, predictor) terms."""
+    outs, corrected_forms = [], []
+    for i in range(n):
+        x_c: Form = {"x": 1.0}
+        if corrected[i]:
+            x_c = _update_form({("L", i - 1): 1.0}, i - 1, orders[i - 1], coefs[i][0], corrector=True)
+        corrected_forms.append(x_c)
+        outs.append(_update_form(x_c, i, orders[i], coefs[i][1], corrector=False))
+    return outs, corrected_forms
+
+
+def forms_to_rows(timesteps: np.ndarray, conversions: list[tuple[float, float]], outs: list[Form],
+                  corrected_forms: list[Form]) -> tuple[list[StepRow], int]:
+    """StepRows and slot count: M_j lives in slot j % K (K = largest lag read), L_{i-1} in slot K."""
+    def history_keys(form: Form, i: int) -> set:
+        return {key for key, w in form.items() if w != 0.0 and key != "x" and key != ("M", i)}
+
+    reads = [history_keys(form, i) for i, form in enumerate(outs)]
+    read_l = {j for keys in reads for kind, j in keys if kind == "L"}
+    for i in read_l:  # row i also writes L_i, from the same history
+        reads[i] |= history_keys(corrected_forms[i], i)
+    n_m = max((i - j for i, keys in enumerate(reads) for kind, j in keys if kind == "M"), default=0)
+    read_m = {j for keys in reads for kind, j in keys if kind == "M"}
+
+    def combo(form: Form, i: int) -> Combo:
+        result = Combo()
+        for key, w in form.items():
+            if w == 0.0:
+                continue
+            if key == "x":
+                result.x += w
+            elif key == ("M", i):
+                result.x0 += w
+            else:
+                slot = key[1] % n_m if key[0] == "M" else n_m
+                result.hist[slot] = result.hist.get(slot, 0.0) + w
+        return result
+
+    rows = []
+    for i, (t, (x0_x, x0_model), out) in enumerate(zip(timesteps, conversions, outs)):
+        writes = [(i % n_m, Combo(x0=1.0))] if i in read_m else []
+        if i in read_l:
+            writes.append((n_m, combo(corrected_forms[i], i)))
+        rows.append(StepRow(timestep=float(t), c_in=1.0, x0_x=x0_x, x0_model=x0_model, out=combo(out, i),
+                            writes=writes))
+    return rows, n_m + int(bool(read_l))
+
+
+def _solver_type(config: dict) -> bool:
+    """True for bh1; diffusers maps midpoint / heun / logrho to bh2."""
+    solver_type = config.get("solver_type", "bh2")
+    if solver_type not in ("bh1", "bh2", "midpoint", "heun", "logrho"):
+        raise NotImplementedError(f"{NAME}: solver_type={solver_type!r} is not reproduced (bh1, bh2)")
+    return solver_type == "bh1"
+
+
+@register(NAME, presets={"unipc": {"solver_type": "bh2", "solver_order": 2}})
+def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
+    """Plan of diffusers' UniPCMultistepScheduler (no step-time options)."""
+    check_unsupported(config, UNSUPPORTED, NAME)
+    if step_options:
+        raise NotImplementedError(f"{NAME}: step options {sorted(step_options)} are not reproduced")
+    if config.get("prediction_type") == "flow_prediction":
+        raise NotImplementedError(f"{NAME}: prediction_type='flow_prediction' is not reproduced")
+    ptype = vp_schedule(schedule, NAME)
+    bh1 = _solver_type(config)
+    predict_x0 = bool(config.get("predict_x0", True))
+    if not predict_x0 and ptype != "epsilon":
+        logger.warning("%s: predict_x0=False with prediction_type=%r is ill-conditioned in fp32; parity with "
+                       "diffusers is ~1e-4 (both are that far from the fp64 trajectory), not 1e-5", NAME, ptype)
+    alphas_cumprod = schedule.alphas_cumprod
+    if config.get("rescale_betas_zero_snr", schedule.config.get("rescale_betas_zero_snr", False)):
+        alphas_cumprod = zero_snr_alphas_cumprod(alphas_cumprod)
+    timesteps, sigmas = unipc_grid(alphas_cumprod, config, steps)
+    check_first_timestep(timesteps, NAME)
+    n = len(timesteps)
+    orders = unipc_orders(n, config.get("solver_order", 2), bool(config.get("lower_order_final", True)))
+    _check_finite_config(orders, float(sigmas[-1]) == 0.0, predict_x0, bh1)
+    disabled = {int(k) for k in (config.get("disable_corrector") or [])}
+    corrected = [i > 0 and i - 1 not in disabled for i in range(n)]
+    levels = torch.from_numpy(sigmas)
+    coefs = []
+    for i in range(n):
+        corr = None
+        if corrected[i]:
+            q = orders[i - 1]
+            corr = bh_update([levels[i], levels[i - 1]] + [levels[i - 1 - k] for k in range(1, q)], q,
+                             predict_x0, bh1, corrector=True)
+        pred = bh_update([levels[i + 1], levels[i]] + [levels[i - k] for k in range(1, orders[i])], orders[i],
+                         predict_x0, bh1, corrector=False)
+        coefs.append((corr, pred))
+    outs, corrected_forms = trajectory_forms(n, orders, corrected, coefs)
+    conversions = [_conversion(ptype, predict_x0, levels[i]) for i in range(n)]
+    rows, n_slots = forms_to_rows(timesteps, conversions, outs, corrected_forms)
+    _check_finite_rows(rows, orders)
+    return SolverPlan("unipc", rows, n_slots, init_noise_sigma=1.0,
+                      options={"solver_type": "bh1" if bh1 else "bh2", "predict_x0": predict_x0, "orders": orders,
+                               "corrected": corrected})
