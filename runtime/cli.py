@@ -60,11 +60,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from diffrt.runtime import Denoiser, Sampler
 
     from .quality_stats import relative_error
+    from .solvers import PRESETS
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     unet = _tiny_unet(args.channels, args.resolution, args.seed).to(device)
-    schedule_config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                       "beta_end": 0.012, "prediction_type": "epsilon"}
+    if "FlowMatch" in PRESETS[args.solver][0]:
+        schedule_config = {"num_train_timesteps": 1000, "shift": 3.0}
+    else:
+        schedule_config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                           "beta_end": 0.012, "prediction_type": "epsilon"}
     options = {"eta": args.eta} if args.eta is not None else {}
     scheduler, step_kwargs = _diffusers_scheduler(args.solver, schedule_config, options)
     den = Denoiser.from_diffusers(unet, scheduler.config)
