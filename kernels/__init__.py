@@ -1,10 +1,15 @@
-"""diffrt.kernels: fused kernels, their launchers and the backend registry."""
+"""diffrt.kernels: fused kernels, their launchers and the backend registry.
+
+* :func:`solver_step` - the fused solver step (launcher; backends "reference", "cpu", "cuda").
+* :func:`solver_step_reference` - its PyTorch spec.
+* :mod:`registry` - the op registry: ``registry.explain("solver_step", x, cond, ...)`` says
+  which backend runs a call and why the others do not.
+
+Importing this package never touches the GPU; the compiled module ``_C`` is loaded on first use.
+"""
+from . import registry
+from .registry import BackendUnavailable
 from .solver_step import solver_step_reference
+from .solver_step_launch import solver_step
 
-
-def solver_step(x, cond, uncond, history, noise, table, itable, step, out=None, backend="auto"):
-    """Temporary dispatcher: the reference path (the registry replaces this)."""
-    return solver_step_reference(x, cond, uncond, history, noise, table, itable, step, out=out)
-
-
-__all__ = ["solver_step", "solver_step_reference"]
+__all__ = ["BackendUnavailable", "registry", "solver_step", "solver_step_reference"]

@@ -1,0 +1,119 @@
+// The fused solver step, shared by the C++ (CPU) and CUDA kernels.
+//
+// Spec: kernels/solver_step.py. For each element i of the sample (fp32 arithmetic, this order):
+//
+//   xv = x[i], mc = cond[i], mu = uncond[i]
+//   x0 = pc*mc + px*xv;  x0 = x0 + pu*mu (uncond given)
+//   x0 = min(max(x0, lo), hi)  (NaN propagates), then rounded to the storage dtype and back
+//   o_k = a_k*xv + b_k*x0;  o_k = o_k + cc_k*mc;  o_k = o_k + cu_k*mu (uncond given);
+//   o_k = o_k + d_k*noise[nidx][i] (noise given);  o_k = o_k + w_kj*H[j][i] for j = 0..S-1
+//   out[i] = o_0;  H[slot_k][i] = o_k for k >= 1 where slot_k >= 0
+//
+// Every input of an element is read before any of its outputs is written, so `out` may alias
+// `x`, and a history slot may be both read and written. Products and sums go through
+// Arith::mul / Arith::add, which never contract into an FMA, so the result rounds exactly
+// like the PyTorch reference (one rounding per operation).
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DIFFRT_HD __host__ __device__ __forceinline__
+#else
+#define DIFFRT_HD inline
+#endif
+
+namespace diffrt {
+
+// Storage-dtype codes, shared with kernels/launch.py.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// History slots one element keeps in registers; the launcher routes larger S to the reference.
+constexpr int kMaxSlots = 8;
+
+// Columns before the per-output blocks, and fixed columns per output (then S weights).
+constexpr int kX0Cols = 5;
+constexpr int kOutFixedCols = 5;
+
+struct StepArgs {
+  const void* x;          // [numel], storage dtype
+  const void* cond;       // [numel], model dtype
+  const void* uncond;     // [numel], model dtype, or null
+  void* history;          // [n_slots, numel], storage dtype, or null
+  const void* noise;      // [n_noise, numel], storage dtype, or null
+  void* out;              // [numel], storage dtype (may equal x)
+  const float* table;     // [n_steps, width] fp32
+  const int32_t* itable;  // [n_steps, 1 + n_out] int32
+  const int64_t* step;    // 0-dim int64 (device pointer for CUDA)
+  int64_t numel;
+  int64_t n_steps;
+  int64_t n_noise;        // 0 when noise is null
+  int n_out;
+  int n_slots;
+};
+
+DIFFRT_HD int table_width(int n_out, int n_slots) { return kX0Cols + n_out * (kOutFixedCols + n_slots); }
+
+// Whether a row is usable: noise index below n_noise (negative means draw 0, as the
+// reference clamps), slots below n_slots. Returns 0, or 1 (noise index) / 2 (slot).
+DIFFRT_HD int check_row(const int32_t* irow, const StepArgs& a) {
+  if (a.noise != nullptr && a.n_noise > 0 && irow[0] >= a.n_noise) return 1;
+  for (int k = 1; k < a.n_out; ++k) {
+    if (irow[1 + k] >= a.n_slots) return 2;
+  }
+  return 0;
+}
+
+// NaN-propagating clamp: min(max(v, lo), hi) as torch.maximum / torch.minimum compute it.
+DIFFRT_HD float clamp_nan(float v, float lo, float hi) {
+  float r = (v != v || lo != lo) ? v + lo : (v < lo ? lo : v);
+  return (r != r || hi != hi) ? r + hi : (r > hi ? hi : r);
+}
+
+// One element. `Conv` supplies to_float(T) overloads, round<T>(float) -> T, mul and add.
+template <class Conv, class T, class M>
+DIFFRT_HD void step_element(int64_t i, const StepArgs& a, const float* row, const int32_t* irow) {
+  const int64_t numel = a.numel;
+  const bool has_uncond = a.uncond != nullptr;
+  const T* noise_draw = nullptr;
+  if (a.noise != nullptr && a.n_noise > 0) {
+    const int64_t draw = irow[0] < 0 ? 0 : irow[0];
+    noise_draw = static_cast<const T*>(a.noise) + draw * numel;
+  }
+  const T* history = static_cast<const T*>(a.history);
+
+  const float xv = Conv::to_float(static_cast<const T*>(a.x)[i]);
+  const float mc = Conv::to_float(static_cast<const M*>(a.cond)[i]);
+  const float mu = has_uncond ? Conv::to_float(static_cast<const M*>(a.uncond)[i]) : 0.0f;
+  const float eps = noise_draw != nullptr ? Conv::to_float(noise_draw[i]) : 0.0f;
+  float hist[kMaxSlots];
+  for (int j = 0; j < a.n_slots; ++j) hist[j] = Conv::to_float(history[j * numel + i]);
+
+  float x0 = Conv::add(Conv::mul(row[0], mc), Conv::mul(row[2], xv));
+  if (has_uncond) x0 = Conv::add(x0, Conv::mul(row[1], mu));
+  x0 = clamp_nan(x0, row[3], row[4]);
+  x0 = Conv::to_float(Conv::template round<T>(x0));
+
+  const int cols = kOutFixedCols + a.n_slots;
+  for (int k = 0; k < a.n_out; ++k) {
+    const float* c = row + kX0Cols + k * cols;
+    float o = Conv::add(Conv::mul(c[0], xv), Conv::mul(c[1], x0));
+    o = Conv::add(o, Conv::mul(c[2], mc));
+    if (has_uncond) o = Conv::add(o, Conv::mul(c[3], mu));
+    if (noise_draw != nullptr) o = Conv::add(o, Conv::mul(c[4], eps));
+    for (int j = 0; j < a.n_slots; ++j) o = Conv::add(o, Conv::mul(c[kOutFixedCols + j], hist[j]));
+    if (k == 0) {
+      static_cast<T*>(a.out)[i] = Conv::template round<T>(o);
+    } else if (irow[1 + k] >= 0) {
+      static_cast<T*>(a.history)[irow[1 + k] * numel + i] = Conv::template round<T>(o);
+    }
+  }
+}
+
+// Entry points (solver_step_cpu.cpp / solver_step_cuda.cu). The CPU one throws
+// std::invalid_argument with a message on a bad dtype code, step or row; the CUDA one returns
+// a cudaError_t value (0: launched) and marks a bad step or row by writing NaN to `out`.
+void solver_step_cpu(const StepArgs& args, int x_dtype, int model_dtype, int threads);
+int solver_step_cuda(const StepArgs& args, int x_dtype, int model_dtype, void* stream);
+
+}  // namespace diffrt
