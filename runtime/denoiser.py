@@ -78,8 +78,9 @@ class Denoiser:
         self.schedule = schedule
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
         self._call = call or _call_module
-        self.dtype = dtype or _param_dtype(model)
-        self.device = _param_device(model)
+        first = _first_param(model)
+        self.dtype = dtype or (first.dtype if first is not None else None)
+        self.device = first.device if first is not None else None
 
     @property
     def prediction_type(self) -> str:
@@ -123,17 +124,9 @@ class Denoiser:
                 f"schedule={self.schedule.kind}, sample_shape={self.sample_shape})")
 
 
-def _param_dtype(model: Any) -> torch.dtype | None:
+def _first_param(model: Any) -> torch.Tensor | None:
+    """The model's first parameter (None for a plain callable or a module without parameters)."""
     params = getattr(model, "parameters", None)
     if params is None or not inspect.ismethod(params):
         return None
-    first = next(iter(params()), None)
-    return None if first is None else first.dtype
-
-
-def _param_device(model: Any) -> torch.device | None:
-    params = getattr(model, "parameters", None)
-    if params is None or not inspect.ismethod(params):
-        return None
-    first = next(iter(params()), None)
-    return None if first is None else first.device
+    return next(iter(params()), None)
