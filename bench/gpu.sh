@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# One call on the lent GPU machine: install the carried wheels, build diffrt's extension, run the
+# GPU tests, run the benchmarks, run the CPU test tier; logs and JSON go to DIR.
+#
+#   bash bench/gpu.sh DIR            (on the device: bash bench/gpu.sh "$OUT")
+#
+# Files written to DIR (the device tool brings back at most 8): gpu.log (everything this script
+# printed, the benchmark tables included), build.log, tests.log, and one JSON per benchmark
+# (<gpu>-<yyyymmdd>-<topic>.json). Stages that fail do not stop the later ones; the exit status
+# is 1 when any stage failed or timed out.
+#
+# Environment (all optional):
+#   PYTHON             interpreter (default python3: the device's torch venv)
+#   GPU_SH_BUDGET      seconds for the whole script (default 560: the device allows 600 per call)
+#   DIFFRT_CUDA_ARCHS  CUDA architectures to build (default 90a: H100 / H200)
+#   DIFFRT_GIT_SHA     the git SHA to stamp results with (the device copy has no .git)
+#   DIFFRT_GIT_DIRTY   1 / 0, likewise
+#   BENCH_ARGS         extra arguments for bench.bench_sampler (e.g. "--solvers ddim,unipc")
+#   PYTEST_WORKERS     xdist workers for the CPU tier (default 8; 0 runs it in one process)
+set -u -o pipefail
+
+DIR=${1:?usage: bash bench/gpu.sh DIR}
+mkdir -p "$DIR" || exit 2
+DIR=$(cd "$DIR" && pwd)
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$(pwd)
+
+export PYTHONUNBUFFERED=1
+export DIFFRT_CUDA_ARCHS=${DIFFRT_CUDA_ARCHS:-90a}
+PY=${PYTHON:-python3}
+BUDGET=${GPU_SH_BUDGET:-560}
+START=$(date +%s)
+RESULTS=()
+FAILED=0
+
+elapsed() { echo $(( $(date +%s) - START )); }
+
+# stage NAME LIMIT_S LOGFILE CMD... : run CMD under timeout (capped by the budget left), output
+# appended to LOGFILE ("-" = stdout); record its status; never stop the script.
+stage() {
+  local name=$1 limit=$2 logfile=$3; shift 3
+  local left=$(( BUDGET - $(elapsed) ))
+  (( limit > left )) && limit=$left
+  if (( limit < 15 )); then
+    echo "=== [$(elapsed)s] $name: SKIPPED, budget spent"
+    RESULTS+=("$name: skipped (budget)"); FAILED=1; return 1
+  fi
+  echo "=== [$(elapsed)s] $name (limit ${limit}s): $*"
+  local t0 rc
+  t0=$(date +%s)
+  if [[ $logfile == - ]]; then
+    timeout -k 10 "$limit" "$@"; rc=$?
+  else
+    echo "=== [$(elapsed)s] $name: $*" >>"$logfile"
+    timeout -k 10 "$limit" "$@" >>"$logfile" 2>&1; rc=$?
+    if (( rc == 0 )); then tail -n 3 "$logfile"; else tail -n 40 "$logfile"; fi
+  fi
+  local took=$(( $(date +%s) - t0 ))
+  (( rc == 124 || rc == 137 )) && echo "=== $name TIMED OUT after ${took}s"
+  echo "=== [$(elapsed)s] $name: rc=$rc (${took}s)"
+  RESULTS+=("$name: rc=$rc, ${took}s")
+  (( rc != 0 )) && FAILED=1
+  return "$rc"
+}
+
+environment() {
+  echo "date: $(date -u +%FT%TZ)  dir: $ROOT  python: $($PY -V 2>&1)"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu \
+    --format=csv 2>&1 || echo "nvidia-smi failed"
+  nvcc --version 2>&1 | tail -n 2 || echo "no nvcc"
+  cmake --version 2>&1 | head -n 1 || echo "no cmake"
+  $PY - <<'EOF'
+import importlib.metadata as m, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", getattr(p, "L2_cache_size", "?"), "B L2")
+for name in ("triton", "pip", "setuptools", "pybind11", "cmake", "pytest", "pytest-xdist", "pytest-timeout",
+             "diffusers", "huggingface_hub", "safetensors", "numpy"):
+    try:
+        print(f"  {name} {m.version(name)}")
+    except m.PackageNotFoundError:
+        print(f"  {name} MISSING")
+EOF
+}
+
+install_wheels() {
+  if ! compgen -G ".whl/*.whl" >/dev/null; then
+    echo "no .whl/*.whl carried: diffusers is missing, so parity tests skip and the diffusers baseline fails"
+    return 1
+  fi
+  ls .whl
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+}
+
+# The package layout maps top-level folders into the diffrt namespace; if the editable install
+# fails, build the extension in place and reach the folders through a namespace shim.
+build_in_place() {
+  $PY setup.py build_ext --inplace || return $?
+  mkdir -p /tmp/diffrt_shim/diffrt
+  for pkg in runtime kernels export; do ln -sfn "$ROOT/$pkg" "/tmp/diffrt_shim/diffrt/$pkg"; done
+}
+
+check_import() {
+  $PY - <<'EOF'
+import torch
+from diffrt.kernels import registry
+module, problem = registry.native()
+print("diffrt.kernels._C:", "not built: " + str(problem) if module is None else
+      f"HAVE_CUDA={module.HAVE_CUDA} CUDA_ARCHS={getattr(module, 'CUDA_ARCHS', '')}")
+print("cuda backend:", registry.cuda_problem(0) or "usable")
+raise SystemExit(0 if module is not None and registry.cuda_problem(0) is None else 1)
+EOF
+}
+
+run_bench_sampler() {
+  set -o pipefail
+  # shellcheck disable=SC2086
+  env TRITON_INTERPRET=0 $PY -m bench.bench_sampler --out "$DIR" --device cuda ${BENCH_ARGS:-} 2>&1 |
+    tee /tmp/bench_sampler.out
+}
+
+main() {
+  echo "=== bench/gpu.sh -> $DIR (budget ${BUDGET}s)"
+  environment
+  if stage wheels 120 - bash -c install_wheels; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  if ! stage build 240 "$DIR/build.log" $PY -m pip install -v --no-build-isolation --no-deps --no-index -e .; then
+    echo "editable install failed; trying build_ext --inplace with a namespace shim"
+    stage build-inplace 200 "$DIR/build.log" bash -c build_in_place &&
+      export PYTHONPATH=/tmp/diffrt_shim${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  stage import 60 - bash -c check_import
+
+  local xdist=() timeout_flag=()
+  $PY -c "import xdist" 2>/dev/null && (( ${PYTEST_WORKERS:-8} > 0 )) && xdist=(-n "${PYTEST_WORKERS:-8}")
+  $PY -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=300)
+  # conftest defaults TRITON_INTERPRET to 1 (for CPU tensors); the GPU tier and the benchmarks
+  # must compile Triton kernels for the GPU.
+  stage tests-gpu 180 "$DIR/tests.log" env TRITON_INTERPRET=0 \
+    bash -c 'cd tests && exec "$@"' _ $PY -m pytest -q -rfEs -p no:cacheprovider "${timeout_flag[@]}" -m gpu .
+  stage bench-sampler 200 - bash -c run_bench_sampler
+  stage tests-cpu-tier 240 "$DIR/tests.log" env OMP_NUM_THREADS=2 \
+    bash -c 'cd tests && exec "$@"' _ $PY -m pytest -q -rfE -p no:cacheprovider "${timeout_flag[@]}" "${xdist[@]}" -m "not gpu" .
+
+  if [[ -s /tmp/bench_sampler.out ]]; then
+    echo "=== bench-sampler table (again, so that the output tail holds it)"
+    sed -n '/^sampler cost per step/,$p' /tmp/bench_sampler.out
+  fi
+  echo "=== summary after $(elapsed)s"
+  printf '  %s\n' "${RESULTS[@]}"
+  ls -la "$DIR"
+  return "$FAILED"
+}
+
+# timeout(1) runs programs, not shell functions: export them and call them through bash -c.
+export -f install_wheels build_in_place check_import run_bench_sampler
+export PY ROOT DIR
+
+main 2>&1 | tee "$DIR/gpu.log"
+exit "${PIPESTATUS[0]}"
