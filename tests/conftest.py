@@ -3,10 +3,12 @@ import os
 
 import pytest
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 
 def pytest_configure(config):
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors, interpreted
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     # diffusers' schedulers call numpy on torch tensors in ways numpy 2 deprecates: not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore:__array:DeprecationWarning")
