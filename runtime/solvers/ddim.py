@@ -13,6 +13,7 @@ import numpy as np
 
 from ..schedule import NoiseSchedule
 from . import register
+from .common import check_unsupported
 from .plan import Combo, SolverPlan, StepRow
 
 UNSUPPORTED = {"thresholding": False}
@@ -31,14 +32,6 @@ def spaced_timesteps(spacing: str, num_train: int, steps: int, steps_offset: int
         ratio = num_train / steps
         return np.round(np.arange(num_train, 0, -ratio)).astype(np.int64) - 1
     raise NotImplementedError(f"timestep_spacing={spacing!r} is not supported (linspace, leading, trailing)")
-
-
-def check_unsupported(config: dict, unsupported: dict, scheduler: str) -> None:
-    """Raise NotImplementedError naming each option set away from the value we reproduce."""
-    for key, ok_value in unsupported.items():
-        value = config.get(key, ok_value)
-        if value != ok_value and value is not None:
-            raise NotImplementedError(f"{scheduler}: option {key}={value!r} is not reproduced by diffrt")
 
 
 @register("DDIMScheduler", presets={"ddim": {}})

@@ -28,12 +28,10 @@ import torch
 
 from ..schedule import NoiseSchedule
 from . import register
-from .ddim import check_unsupported
-from .dpm import (MULTISTEP_KEYS, Coefficients, alpha_sigma_lambda, check_first_timestep, check_known_options,
-                  multistep_orders, ring_rows, vp_schedule)
+from .common import check_first_timestep, check_known_options, check_unsupported, vp_schedule
+from .multistep import MULTISTEP_KEYS, Coefficients, alpha_sigma_lambda, multistep_orders, ring_rows
 from .plan import SolverPlan
-from .sigmas import (data_prediction, exponential_sigmas, karras_sigmas, multistep_timesteps, sigma_to_t,
-                     ve_sigmas)
+from .sigmas import data_prediction, exponential_sigmas, karras_sigmas, multistep_timesteps, sigma_to_t, ve_sigmas
 
 NAME = "DEISMultistepScheduler"
 UNSUPPORTED = {"thresholding": False, "use_beta_sigmas": False, "use_flow_sigmas": False,

@@ -37,126 +37,26 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from . import SCHEDULE_KEYS, register
-from .ddim import check_unsupported
-from .plan import Combo, SolverPlan, StepRow
-from .sigmas import (data_prediction, exponential_sigmas, karras_sigmas, multistep_timesteps, sigma_to_t, ve_sigmas,
-                     zero_snr_alphas_cumprod)
+from . import register
+from .common import check_first_timestep, check_known_options, check_unsupported, noise_prediction, vp_schedule
+from .multistep import MULTISTEP_KEYS, Coefficients, alpha_sigma_lambda, expand_differences, multistep_orders, ring_rows
+from .plan import SolverPlan
+from .sigmas import (
+    data_prediction,
+    exponential_sigmas,
+    karras_sigmas,
+    multistep_timesteps,
+    sigma_to_t,
+    ve_sigmas,
+    zero_snr_alphas_cumprod,
+)
 
 UNSUPPORTED = {"thresholding": False, "variance_type": None, "use_beta_sigmas": False, "use_flow_sigmas": False,
                "use_dynamic_shifting": False}
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
-# Config options of diffusers' multistep schedulers (an unknown key is refused, not ignored).
-MULTISTEP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "solver_order",
-                  "prediction_type", "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "algorithm_type",
-                  "solver_type", "lower_order_final", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                  "use_flow_sigmas", "flow_shift", "timestep_spacing", "steps_offset", "use_dynamic_shifting",
-                  "time_shift_type")
 DPM_KEYS = MULTISTEP_KEYS + ("euler_at_final", "use_lu_lambdas", "final_sigmas_type", "lambda_min_clipped",
                              "variance_type", "rescale_betas_zero_snr")
 
-Coefficients = tuple[float, list[float], float]  # (x weight, weight of M_0, M_1, ..., noise weight)
-
-
-# ----------------------------------------------------------------------------- shared multistep parts
-
-def alpha_sigma_lambda(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(alpha, sigma, lambda) of VE level ``s`` (0-dim float32), in diffusers' float order."""
-    alpha = 1 / ((s**2 + 1) ** 0.5)
-    sigma = s * alpha
-    return alpha, sigma, torch.log(alpha) - torch.log(sigma)
-
-
-def multistep_orders(n: int, solver_order: int, last_first_order: bool, second_last_low: bool) -> list[int]:
-    """Order used at each of ``n`` steps by diffusers' multistep schedulers.
-
-    ``last_first_order``: the last step is first order; ``second_last_low``: the second-to-last
-    step is at most second order. Warm-up: step i uses at most order i + 1.
-    """
-    if isinstance(solver_order, bool) or not isinstance(solver_order, int) or solver_order < 1:
-        raise ValueError(f"solver_order must be a positive int, got {solver_order!r}")
-    orders = []
-    for i in range(n):
-        done = min(i, solver_order)  # diffusers' lower_order_nums before step i
-        if solver_order == 1 or done < 1 or (i == n - 1 and last_first_order):
-            orders.append(1)
-        elif solver_order == 2 or done < 2 or (i == n - 2 and second_last_low):
-            orders.append(2)
-        else:
-            orders.append(3)
-    return orders
-
-
-def expand_differences(order: int, d_weights: list[torch.Tensor], r: list[torch.Tensor]) -> list[float]:
-    """Weights of M_0..M_{order-1} equal to sum_j d_weights[j] * D_j (float64 from float32 scalars)."""
-    if order == 1:
-        basis = [np.array([1.0])]
-    elif order == 2:
-        inv_r0 = (1.0 / r[0]).item()
-        basis = [np.array([1.0, 0.0]), np.array([inv_r0, -inv_r0])]
-    else:
-        inv_r0, inv_r1 = (1.0 / r[0]).item(), (1.0 / r[1]).item()
-        frac, inv_sum = (r[0] / (r[0] + r[1])).item(), (1.0 / (r[0] + r[1])).item()
-        d1_0, d1_1 = np.array([inv_r0, -inv_r0, 0.0]), np.array([0.0, inv_r1, -inv_r1])
-        basis = [np.array([1.0, 0.0, 0.0]), d1_0 + frac * (d1_0 - d1_1), inv_sum * (d1_0 - d1_1)]
-    total = sum(w.item() * b for w, b in zip(d_weights, basis))
-    return [float(v) for v in total]
-
-
-def ring_rows(timesteps: np.ndarray, predictions: list[tuple[float, float]], steps: list[Coefficients],
-              noise: bool) -> tuple[list[StepRow], int]:
-    """StepRows of a multistep solver and its number of history slots S.
-
-    predictions[i] = (x weight, model weight) of M at step i; steps[i] = (x weight, [weights of M_0,
-    M_1, ...], noise weight). Step i reads M_k (k >= 1) from slot (i - k) % S and stores M_0 in slot
-    i % S (not at the last step: nothing reads it).
-    """
-    n_slots = max(len(w) for _, w, _ in steps) - 1
-    rows = []
-    for i, (t, (m_x, m_model), (x_w, m_w, noise_w)) in enumerate(zip(timesteps, predictions, steps)):
-        hist: dict[int, float] = {}
-        for k, w in enumerate(m_w[1:], start=1):
-            hist[(i - k) % n_slots] = hist.get((i - k) % n_slots, 0.0) + w
-        out = Combo(x=x_w, x0=m_w[0], noise=noise_w, hist=hist)
-        writes = [(i % n_slots, Combo(x0=1.0))] if n_slots and i < len(timesteps) - 1 else []
-        rows.append(StepRow(timestep=float(t), c_in=1.0, x0_x=m_x, x0_model=m_model, out=out,
-                            writes=writes, noise=noise))
-    return rows, n_slots
-
-
-def check_known_options(config: dict, known: tuple[str, ...], scheduler: str) -> None:
-    """Refuse config keys that are not options of ``scheduler`` (private ``_`` keys and schedule keys pass)."""
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in known and k not in SCHEDULE_KEYS)
-    if unknown:
-        raise NotImplementedError(f"{scheduler}: option(s) {', '.join(unknown)} are not options of this scheduler")
-
-
-def check_first_timestep(timesteps: np.ndarray, scheduler: str) -> None:
-    """diffusers starts at the *second* match of a repeated first timestep and then runs off its grid."""
-    if len(timesteps) == 0:
-        raise ValueError(f"{scheduler}: the timestep grid is empty")
-    if int((timesteps == timesteps[0]).sum()) > 1:
-        raise ValueError(f"{scheduler}: the first timestep {int(timesteps[0])} repeats in {timesteps.tolist()}; "
-                         "diffusers cannot step this grid (use fewer steps or another timestep_spacing)")
-
-
-def vp_schedule(schedule: NoiseSchedule, scheduler: str) -> str:
-    """The prediction type, after checking that the schedule is a VP one this solver reproduces."""
-    if schedule.kind != "vp" or schedule.prediction_type == "flow":
-        raise NotImplementedError(f"{scheduler}: flow-matching schedules (use_flow_sigmas, flow_prediction) "
-                                  "are not reproduced; use the flow-euler solver")
-    return schedule.prediction_type
-
-
-def noise_prediction(ptype: str, alpha: float, sigma: float) -> tuple[float, float]:
-    """(x weight, model weight) of the noise prediction eps for x = alpha x0 + sigma eps."""
-    if ptype == "epsilon":
-        return 0.0, 1.0
-    if ptype == "sample":
-        return 1.0 / sigma, -alpha / sigma
-    if ptype == "v_prediction":
-        return sigma, alpha
-    raise NotImplementedError(f"prediction_type={ptype!r} is not supported by this solver")
 
 
 # ----------------------------------------------------------------------------- DPM-Solver

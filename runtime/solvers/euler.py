@@ -29,7 +29,7 @@ import torch
 
 from ..schedule import NoiseSchedule
 from . import STEP_OPTIONS, register
-from .ddim import check_unsupported
+from .common import check_first_timestep, check_step_options, check_unsupported
 from .plan import Combo, SolverPlan, StepRow
 from .sigmas import exponential_sigmas, karras_sigmas, sigma_to_t, ve_sigmas, zero_snr_alphas_cumprod
 
@@ -129,19 +129,6 @@ def euler_update(x0_x: float, x0_m: float, sigma: float, dt: float, clipped: boo
     if clipped:
         return Combo(x=1.0 + r, x0=-r)
     return Combo(x=1.0 + r * (1.0 - x0_x), model=-r * x0_m)
-
-
-def check_step_options(step_options: dict, allowed: tuple[str, ...], name: str) -> None:
-    """Raise NotImplementedError naming step options this builder does not take."""
-    extra = sorted(k for k in step_options if k not in allowed)
-    if extra:
-        raise NotImplementedError(f"{name}: step options {extra} are not reproduced by diffrt")
-
-
-def check_first_timestep(timesteps: np.ndarray, name: str) -> None:
-    """diffusers starts at the second match of a repeated first timestep, skipping a sigma: refuse."""
-    if (np.asarray(timesteps, dtype=np.float32) == np.float32(timesteps[0])).sum() > 1:
-        raise ValueError(f"{name}: the first timestep {float(timesteps[0])} repeats; diffusers would skip a sigma")
 
 
 @register("EulerDiscreteScheduler", presets={"euler": {}})

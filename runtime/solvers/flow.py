@@ -22,8 +22,8 @@ import torch
 
 from ..schedule import NoiseSchedule
 from . import STEP_OPTIONS, register
-from .ddim import check_unsupported
-from .euler import CHURN_OPTIONS, check_step_options
+from .common import check_step_options, check_unsupported
+from .euler import CHURN_OPTIONS
 from .plan import Combo, SolverPlan, StepRow
 from .sigmas import exponential_sigmas, karras_sigmas
 

@@ -20,8 +20,7 @@ import torch
 
 from ..schedule import NoiseSchedule
 from . import register
-from .ddim import check_unsupported
-from .euler import check_step_options
+from .common import check_step_options, check_unsupported
 from .plan import Combo, SolverPlan, StepRow
 
 UNSUPPORTED = {"thresholding": False}

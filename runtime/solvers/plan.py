@@ -13,7 +13,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-
 from diffrt.kernels.solver_step import X0_COLS, out_cols, table_width
 
 

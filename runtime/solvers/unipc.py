@@ -41,11 +41,10 @@ import torch
 
 from ..schedule import NoiseSchedule
 from . import register
-from .ddim import check_unsupported
-from .dpm import alpha_sigma_lambda, check_first_timestep, noise_prediction, vp_schedule
+from .common import check_first_timestep, check_unsupported, noise_prediction, vp_schedule
+from .multistep import alpha_sigma_lambda
 from .plan import Combo, SolverPlan, StepRow
-from .sigmas import (data_prediction, karras_sigmas, multistep_timesteps, sigma_to_t, ve_sigmas,
-                     zero_snr_alphas_cumprod)
+from .sigmas import data_prediction, karras_sigmas, multistep_timesteps, sigma_to_t, ve_sigmas, zero_snr_alphas_cumprod
 
 logger = logging.getLogger(__name__)
 NAME = "UniPCMultistepScheduler"

@@ -1,0 +1,81 @@
+"""Machinery shared by diffusers' multistep solvers (DPM-Solver, DEIS, UniPC): noise levels,
+the per-step order rule, the expansion of divided differences into weights of stored model
+outputs, and the ring of history slots."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .plan import Combo, StepRow
+
+# Config options of diffusers' multistep schedulers (an unknown key is refused, not ignored).
+MULTISTEP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "solver_order",
+                  "prediction_type", "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "algorithm_type",
+                  "solver_type", "lower_order_final", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                  "use_flow_sigmas", "flow_shift", "timestep_spacing", "steps_offset", "use_dynamic_shifting",
+                  "time_shift_type")
+Coefficients = tuple[float, list[float], float]  # (x weight, weight of M_0, M_1, ..., noise weight)
+
+
+def alpha_sigma_lambda(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha, sigma, lambda) of VE level ``s`` (0-dim float32), in diffusers' float order."""
+    alpha = 1 / ((s**2 + 1) ** 0.5)
+    sigma = s * alpha
+    return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+
+def multistep_orders(n: int, solver_order: int, last_first_order: bool, second_last_low: bool) -> list[int]:
+    """Order used at each of ``n`` steps by diffusers' multistep schedulers.
+
+    ``last_first_order``: the last step is first order; ``second_last_low``: the second-to-last
+    step is at most second order. Warm-up: step i uses at most order i + 1.
+    """
+    if isinstance(solver_order, bool) or not isinstance(solver_order, int) or solver_order < 1:
+        raise ValueError(f"solver_order must be a positive int, got {solver_order!r}")
+    orders = []
+    for i in range(n):
+        done = min(i, solver_order)  # diffusers' lower_order_nums before step i
+        if solver_order == 1 or done < 1 or (i == n - 1 and last_first_order):
+            orders.append(1)
+        elif solver_order == 2 or done < 2 or (i == n - 2 and second_last_low):
+            orders.append(2)
+        else:
+            orders.append(3)
+    return orders
+
+
+def expand_differences(order: int, d_weights: list[torch.Tensor], r: list[torch.Tensor]) -> list[float]:
+    """Weights of M_0..M_{order-1} equal to sum_j d_weights[j] * D_j (float64 from float32 scalars)."""
+    if order == 1:
+        basis = [np.array([1.0])]
+    elif order == 2:
+        inv_r0 = (1.0 / r[0]).item()
+        basis = [np.array([1.0, 0.0]), np.array([inv_r0, -inv_r0])]
+    else:
+        inv_r0, inv_r1 = (1.0 / r[0]).item(), (1.0 / r[1]).item()
+        frac, inv_sum = (r[0] / (r[0] + r[1])).item(), (1.0 / (r[0] + r[1])).item()
+        d1_0, d1_1 = np.array([inv_r0, -inv_r0, 0.0]), np.array([0.0, inv_r1, -inv_r1])
+        basis = [np.array([1.0, 0.0, 0.0]), d1_0 + frac * (d1_0 - d1_1), inv_sum * (d1_0 - d1_1)]
+    total = sum(w.item() * b for w, b in zip(d_weights, basis))
+    return [float(v) for v in total]
+
+
+def ring_rows(timesteps: np.ndarray, predictions: list[tuple[float, float]], steps: list[Coefficients],
+              noise: bool) -> tuple[list[StepRow], int]:
+    """StepRows of a multistep solver and its number of history slots S.
+
+    predictions[i] = (x weight, model weight) of M at step i; steps[i] = (x weight, [weights of M_0,
+    M_1, ...], noise weight). Step i reads M_k (k >= 1) from slot (i - k) % S and stores M_0 in slot
+    i % S (not at the last step: nothing reads it).
+    """
+    n_slots = max(len(w) for _, w, _ in steps) - 1
+    rows = []
+    for i, (t, (m_x, m_model), (x_w, m_w, noise_w)) in enumerate(zip(timesteps, predictions, steps)):
+        hist: dict[int, float] = {}
+        for k, w in enumerate(m_w[1:], start=1):
+            hist[(i - k) % n_slots] = hist.get((i - k) % n_slots, 0.0) + w
+        out = Combo(x=x_w, x0=m_w[0], noise=noise_w, hist=hist)
+        writes = [(i % n_slots, Combo(x0=1.0))] if n_slots and i < len(timesteps) - 1 else []
+        rows.append(StepRow(timestep=float(t), c_in=1.0, x0_x=m_x, x0_model=m_model, out=out,
+                            writes=writes, noise=noise))
+    return rows, n_slots
