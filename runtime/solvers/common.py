@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..schedule import NoiseSchedule
+from . import SCHEDULE_KEYS  # defined before the package imports the builders
 
 
 def check_unsupported(config: dict, unsupported: dict, scheduler: str) -> None:
@@ -23,9 +24,7 @@ def check_step_options(step_options: dict, allowed: tuple[str, ...], name: str) 
 
 def check_known_options(config: dict, known: tuple[str, ...], scheduler: str) -> None:
     """Refuse config keys that are not options of ``scheduler`` (private ``_`` keys and schedule keys pass)."""
-    from . import SCHEDULE_KEYS as schedule_keys  # the package's list of training-schedule keys
-
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in known and k not in schedule_keys)
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in known and k not in SCHEDULE_KEYS)
     if unknown:
         raise NotImplementedError(f"{scheduler}: option(s) {', '.join(unknown)} are not options of this scheduler")
 
