@@ -13,7 +13,7 @@ import numpy as np
 
 from ..schedule import NoiseSchedule
 from . import register
-from .common import check_unsupported
+from .common import check_step_options, check_unsupported
 from .plan import Combo, SolverPlan, StepRow
 
 UNSUPPORTED = {"thresholding": False}
@@ -38,10 +38,9 @@ def spaced_timesteps(spacing: str, num_train: int, steps: int, steps_offset: int
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
     """Plan of diffusers' DDIMScheduler; step options: eta (default 0), use_clipped_model_output."""
     check_unsupported(config, UNSUPPORTED, "DDIMScheduler")
-    eta = float(step_options.pop("eta", 0.0))
-    use_clipped = bool(step_options.pop("use_clipped_model_output", False))
-    if step_options:
-        raise NotImplementedError(f"DDIMScheduler: step options {sorted(step_options)} are not reproduced")
+    check_step_options(step_options, ("eta", "use_clipped_model_output"), "DDIMScheduler")
+    eta = float(step_options.get("eta", 0.0))
+    use_clipped = bool(step_options.get("use_clipped_model_output", False))
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     abar = schedule.alphas_cumprod.double().numpy()
