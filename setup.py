@@ -91,8 +91,9 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["diffrt.runtime", "diffrt.runtime.solvers", "diffrt.kernels", "diffrt.export"],
+    packages=["diffrt.runtime", "diffrt.runtime.solvers", "diffrt.runtime.models", "diffrt.kernels", "diffrt.export"],
     package_dir={"diffrt.runtime": "runtime", "diffrt.kernels": "kernels", "diffrt.export": "export"},
+    package_data={"diffrt.runtime.models": ["weights/*.safetensors", "weights/*.json"]},
     ext_modules=[CMakeExtension("diffrt.kernels._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,
