@@ -43,7 +43,10 @@ class Backend:
     """One implementation of an op.
 
     ``run`` is called with the op's launcher arguments; ``devices`` lists the device types it
-    serves (None: any); ``can_serve(features)`` returns None or the reason it cannot serve.
+    serves (None: any); ``can_serve(features)`` returns None or the reason it cannot serve;
+    ``auto_devices`` (None: all it serves) are the device types on which "auto" may pick it: a
+    backend that serves a device only for tests (Triton's interpreter on CPU) runs there when
+    forced by name.
     """
 
     name: str
@@ -51,6 +54,13 @@ class Backend:
     can_serve: Predicate
     priority: int
     devices: tuple[str, ...] | None = None
+    auto_devices: tuple[str, ...] | None = None
+
+    def auto_reason(self, features: Features) -> str | None:
+        """None when "auto" may pick this backend for ``features``, else why not."""
+        if self.auto_devices is not None and features.get("device") not in self.auto_devices:
+            return f"serves {features.get('device')} tensors only when requested by name"
+        return self.reason(features)
 
     def reason(self, features: Features) -> str | None:
         """None when this backend can serve a call with ``features``, else why not."""
@@ -87,10 +97,10 @@ class Registry:
             self._choices.clear()
 
     def register(self, op: str, name: str, run: Callable[..., Any], can_serve: Predicate, priority: int,
-                 devices: tuple[str, ...] | None = None) -> Backend:
+                 devices: tuple[str, ...] | None = None, auto_devices: tuple[str, ...] | None = None) -> Backend:
         """Add (or replace) backend ``name`` of ``op``; lower ``priority`` is tried first."""
         entry = self._op(op)
-        backend = Backend(name, run, can_serve, priority, devices)
+        backend = Backend(name, run, can_serve, priority, devices, auto_devices)
         with self._lock:
             entry.backends = sorted([b for b in entry.backends if b.name != name] + [backend], key=lambda b: b.priority)
             self._choices.clear()
@@ -139,7 +149,7 @@ class Registry:
             chosen = None
             lines.append(f"  no backend: {error}")
         for b in entry.backends:
-            reason = b.reason(features)
+            reason = b.reason(features) if backend != "auto" else b.auto_reason(features)
             if chosen is not None and b.name == chosen.name:
                 lines.append(f"  {b.name}: chosen" + ("" if backend == "auto" else " (forced)"))
             elif reason is not None:
@@ -173,13 +183,13 @@ class Registry:
             return forced
         skipped: list[str] = []
         for b in entry.backends:
-            reason = b.reason(features)
+            reason = b.auto_reason(features)
             if reason is None:
                 if skipped:
                     log.warning("%s on %s: using backend %r; %s", entry.name, features.get("device"), b.name,
                                 "; ".join(skipped))
                 return b
-            if b.serves_device(features):
+            if b.serves_device(features) and (b.auto_devices is None or features.get("device") in b.auto_devices):
                 skipped.append(f"{b.name!r} skipped: {reason}")
         raise BackendUnavailable(f"{entry.name}: no backend can serve this call ({'; '.join(skipped) or 'none registered'})")
 
