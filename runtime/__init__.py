@@ -1,6 +1,7 @@
-"""diffrt.runtime: denoisers, solver plans and the sampler (orchestration; pure Python + torch)."""
+"""diffrt.runtime: denoisers, solver plans, the sampler and optimize() (orchestration; pure Python + torch)."""
 from .denoiser import Denoiser
+from .optimized import OptimizedDenoiser, optimize
 from .sampler import Sampler, SamplerState
 from .schedule import NoiseSchedule
 
-__all__ = ["Denoiser", "NoiseSchedule", "Sampler", "SamplerState"]
+__all__ = ["Denoiser", "NoiseSchedule", "OptimizedDenoiser", "Sampler", "SamplerState", "optimize"]

@@ -1,0 +1,339 @@
+"""diffrt attention inside real models: processors for diffusers' attention modules and the reference DiT.
+
+:func:`install` puts a :class:`DiffrtProcessor` (or :class:`DiffrtFluxProcessor`) on every
+attention module of a diffusers model (``Attention``: UNet2DModel, UNet2DConditionModel,
+DiT / Transformer2D / PixArt blocks; ``FluxAttention``: Flux-style joint blocks) and on the
+attention of :class:`~diffrt.runtime.models.dit.DigitsDiT`. The processors keep the module's
+original processor and **dispatch**: while an :class:`~diffrt.runtime.optimize.OptimizedDenoiser`
+call is running (it sets :data:`ACTIVE` to its :class:`AttentionSettings` and the sample's H x W),
+attention runs through :func:`diffrt.kernels.attention`; otherwise the original processor runs.
+So the optimized denoiser and the plain one share the model's weights and both keep working.
+
+What an active call does per layer (:func:`plan_layer`):
+
+* **ToDo** (:class:`ToDo`, self-attention only): the layer's token grid is found from the sample's
+  H x W and the token count (UNet levels are H/s x W/s for s = 1, 2, 4, ...; a transformer's grid
+  is its patch grid); its *level* is log2 of its scale relative to the model's finest grid (0 =
+  the highest resolution). Keys and values are downsampled by ``factor_at(level)`` where the layer
+  has at least ``min_tokens`` tokens. Default: factor 2 at level 0 from 4096 tokens (the paper's).
+* **Block sparsity** (:class:`Sparse`, self-attention only, from ``min_tokens``): a local window on
+  the token grid (static, built once per grid for all layers) or SpargeAttn-style dynamic
+  selection per call.
+* Requests the fused path cannot serve (an attention mask, extra processor arguments) run the
+  original processor, logged once per layer.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from diffrt.kernels import KVDownsample, attention, attention_masks
+from diffrt.kernels.attention_launch import MAX_HEAD_DIM
+
+log = logging.getLogger(__name__)
+
+ACTIVE: contextvars.ContextVar[tuple[AttentionSettings, tuple[int, int] | None] | None] = contextvars.ContextVar(
+    "diffrt_attention", default=None)
+"""(settings, sample H x W) of the optimized call in progress on this thread, or None."""
+
+MAX_SCALE = 64  # token grids are searched at scales 1, 2, 4, ..., MAX_SCALE of the sample
+
+
+@dataclass(frozen=True)
+class ToDo:
+    """Token downsampling of keys/values: ``factor`` (int: at level 0 only; or {level: factor}),
+    applied to self-attention layers with >= ``min_tokens`` tokens; ``mode`` nearest / average."""
+
+    factor: int | dict[int, int] = 2
+    min_tokens: int = 4096
+    mode: str = "nearest"
+
+    def factor_at(self, level: int) -> int:
+        if isinstance(self.factor, dict):
+            return int(self.factor.get(level, 1))
+        return int(self.factor) if level == 0 else 1
+
+
+@dataclass(frozen=True)
+class Sparse:
+    """Block-sparse self-attention for layers with >= ``min_tokens`` tokens.
+
+    ``kind="window"``: :func:`~diffrt.kernels.attention_masks.local_window` with ``radius`` (tokens,
+    on the layer's grid); ``kind="dynamic"``: :func:`~diffrt.kernels.attention_masks.dynamic` with
+    ``tau`` or ``topk`` and ``min_similarity``. Blocks of ``q_block`` x ``k_block`` tokens.
+    """
+
+    kind: str = "window"
+    radius: int = 8
+    tau: float | None = 0.98
+    topk: float | None = None
+    min_similarity: float = 0.5
+    q_block: int = 64
+    k_block: int = 64
+    min_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("window", "dynamic"):
+            raise ValueError(f"Sparse: kind must be 'window' or 'dynamic', got {self.kind!r}")
+
+
+@dataclass
+class AttentionSettings:
+    """What an optimized call does in the attention layers."""
+
+    backend: str = "auto"
+    todo: ToDo | None = None
+    sparse: Sparse | None = None
+    mask_cache: dict = field(default_factory=dict, repr=False)  # static masks per (grids, device), all layers
+
+
+@dataclass
+class Layer:
+    """One attention module of the model, as :func:`install` found it."""
+
+    name: str
+    kind: str  # "self", "cross" or "joint" (Flux: text and image tokens attend together)
+    heads: int
+    head_dim: int
+    finest_scale: int  # the scale of the model's finest token grid (a transformer's patch size, else 1)
+    fixed_grid: tuple[int, int] | None = None  # known token grid (the reference DiT)
+    fallback_logged: bool = False
+
+
+def token_grid(sample_hw: tuple[int, int] | None, tokens: int, finest_scale: int) -> tuple[tuple[int, int], int] | None:
+    """((h, w), level) of a layer with ``tokens`` tokens for a sample of H x W, or None if no scale fits."""
+    if sample_hw is None:
+        return None
+    height, width = sample_hw
+    scale = 1
+    while scale <= MAX_SCALE:
+        grid = (-(-height // scale), -(-width // scale))
+        if grid[0] * grid[1] == tokens:
+            return grid, _level(scale, finest_scale)
+        scale *= 2
+    return None
+
+
+def _level(scale: float, finest_scale: int) -> int:
+    """log2(scale / finest scale), rounded; 0 for the finest grid (and anything finer)."""
+    return max(0, round(math.log2(max(scale, 1e-9) / finest_scale)))
+
+
+def plan_layer(settings: AttentionSettings, layer: Layer, q: torch.Tensor, k: torch.Tensor,
+               grid_level: tuple[tuple[int, int], int] | None, self_attention: bool):
+    """(kv_downsample, block_mask) for one call of ``layer``: see the module docstring."""
+    tokens = k.shape[1]
+    if not self_attention or grid_level is None:
+        return None, None
+    grid, level = grid_level
+    down = None
+    todo = settings.todo
+    if todo is not None and tokens >= todo.min_tokens and todo.factor_at(level) > 1:
+        down = KVDownsample(grid, todo.factor_at(level), todo.mode)
+    sparse = settings.sparse
+    if sparse is None or tokens < sparse.min_tokens:
+        return down, None
+    k_len = tokens if down is None else down.out_tokens
+    if sparse.kind == "window":
+        key = (grid, None if down is None else down.out_grid, str(q.device))
+        if key not in settings.mask_cache:
+            settings.mask_cache[key] = attention_masks.local_window(
+                grid, sparse.radius, sparse.q_block, sparse.k_block, k_grid=None if down is None else down.out_grid,
+                device=q.device)
+        mask = settings.mask_cache[key]
+    else:
+        from diffrt.kernels.attention_spec import downsample_kv_reference  # noqa: PLC0415
+
+        keys = k if down is None else downsample_kv_reference(k, down)
+        mask = attention_masks.dynamic(q, keys, sparse.q_block, sparse.k_block, tau=sparse.tau, topk=sparse.topk,
+                                       min_similarity=sparse.min_similarity)
+    if mask.k_len != k_len:
+        raise RuntimeError(f"{layer.name}: block mask for {mask.k_len} keys, the call has {k_len}")
+    return down, mask
+
+
+def _fused(layer: Layer, settings: AttentionSettings, q, k, v, grid_level, self_attention: bool,
+           scale: float | None) -> torch.Tensor:
+    down, mask = plan_layer(settings, layer, q, k, grid_level, self_attention)
+    return attention(q, k, v, scale=scale, kv_downsample=down, block_mask=mask, backend=settings.backend)
+
+
+def _log_fallback(layer: Layer, reason: str) -> None:
+    if not layer.fallback_logged:
+        layer.fallback_logged = True
+        log.warning("%s: running the original attention processor (%s)", layer.name, reason)
+
+
+class DiffrtProcessor:
+    """diffusers ``Attention`` processor (the computation of AttnProcessor2_0, attention by diffrt)."""
+
+    def __init__(self, original: Any, layer: Layer):
+        self.original = original
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
+        active = ACTIVE.get()
+        if active is None or attention_mask is not None or args or kwargs:
+            if active is not None:
+                _log_fallback(self.layer, "an attention mask or extra arguments" if attention_mask is not None
+                              else f"extra arguments {sorted(kwargs)}")
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        settings, sample_hw = active
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        four_d = hidden_states.ndim == 4
+        if four_d:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        self_attention = encoder_hidden_states is None
+        query = attn.to_q(hidden_states)
+        if self_attention:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        batch, tokens = query.shape[:2]
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, tokens, attn.heads, head_dim)
+        key = key.view(batch, key.shape[1], attn.heads, head_dim)
+        value = value.view(batch, value.shape[1], attn.heads, head_dim)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if four_d:  # the grid is the feature map's; its level follows from the sample's height
+            scale = sample_hw[0] / height if sample_hw is not None else 1
+            grid_level = ((height, width), _level(scale, self.layer.finest_scale))
+        else:
+            grid_level = token_grid(sample_hw, tokens, self.layer.finest_scale)
+        out = _fused(self.layer, settings, query, key, value, grid_level, self_attention, attn.scale)
+        hidden_states = attn.to_out[1](attn.to_out[0](out.reshape(batch, tokens, -1).to(query.dtype)))
+        if four_d:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+class DiffrtFluxProcessor:
+    """diffusers ``FluxAttention`` processor (FluxAttnProcessor's computation, attention by diffrt).
+
+    Joint blocks concatenate text and image tokens, so ToDo and window masks do not apply there;
+    single-stream and image-only self-attention get them like any self-attention.
+    """
+
+    def __init__(self, original: Any, layer: Layer):
+        self.original = original
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None):
+        active = ACTIVE.get()
+        if active is None or attention_mask is not None:
+            if active is not None:
+                _log_fallback(self.layer, "an attention mask")
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.embeddings import apply_rotary_emb  # noqa: PLC0415
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections  # noqa: PLC0415
+
+        settings, sample_hw = active
+        query, key, value, enc_query, enc_key, enc_value = _get_qkv_projections(attn, hidden_states,
+                                                                              encoder_hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (query, key, value))
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        joint = attn.added_kv_proj_dim is not None and encoder_hidden_states is not None
+        if joint:
+            enc_query, enc_key, enc_value = (t.unflatten(-1, (-1, attn.head_dim)) for t in (enc_query, enc_key, enc_value))
+            enc_query, enc_key = attn.norm_added_q(enc_query), attn.norm_added_k(enc_key)
+            query, key = torch.cat([enc_query, query], dim=1), torch.cat([enc_key, key], dim=1)
+            value = torch.cat([enc_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        grid_level = None if joint else token_grid(sample_hw, query.shape[1], self.layer.finest_scale)
+        out = _fused(self.layer, settings, query, key, value, grid_level, not joint, None)
+        hidden_states = out.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is None:
+            return hidden_states
+        text, image = hidden_states.split_with_sizes([encoder_hidden_states.shape[1],
+                                                      hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
+        return image, attn.to_add_out(text.contiguous())
+
+
+class DiTProcessor:
+    """Processor of :class:`~diffrt.runtime.models.dit.Attention` (q, k, v [B, L, H, D] -> [B, L, H, D])."""
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+
+    def __call__(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        active = ACTIVE.get()
+        if active is None:
+            return None
+        grid_level = (self.layer.fixed_grid, 0) if self.layer.fixed_grid is not None else None
+        return _fused(self.layer, active[0], q, k, v, grid_level, True, None)
+
+
+def _original(processor: Any) -> Any:
+    return processor.original if isinstance(processor, (DiffrtProcessor, DiffrtFluxProcessor)) else processor
+
+
+def install(model: torch.nn.Module) -> list[Layer]:
+    """Put diffrt's processors on every attention module of ``model``; return the layers found.
+
+    Raises ValueError for a module whose processor is not one diffrt reproduces (a custom or
+    IP-adapter processor) or whose head dim the kernel cannot serve. Installing twice is harmless.
+    """
+    from .models.dit import Attention as DiTAttention  # noqa: PLC0415
+    from .models.dit import DigitsDiT  # noqa: PLC0415
+
+    layers: list[Layer] = []
+    if isinstance(model, DigitsDiT):
+        for name, module in model.named_modules():
+            if isinstance(module, DiTAttention):
+                head_dim = module.qkv.out_features // 3 // module.num_heads
+                layer = Layer(name, "self", module.num_heads, head_dim, 1, fixed_grid=(model.grid, model.grid))
+                module.processor = DiTProcessor(layer)
+                layers.append(layer)
+        return layers
+    try:
+        from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: PLC0415
+    except ImportError:
+        return layers
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor  # noqa: PLC0415
+    except ImportError:
+        FluxAttention = FluxAttnProcessor = ()  # noqa: N806 - an older diffusers without Flux
+    patch = getattr(getattr(model, "config", {}), "get", lambda *_: None)("patch_size") or 1
+    for name, module in model.named_modules():
+        if isinstance(module, Attention):
+            original, supported, kind = _original(module.processor), (AttnProcessor, AttnProcessor2_0), (
+                "cross" if module.is_cross_attention else "self")
+            processor_cls = DiffrtProcessor
+            head_dim = module.to_q.out_features // module.heads
+        elif FluxAttention and isinstance(module, FluxAttention):
+            original, supported, kind = _original(module.processor), (FluxAttnProcessor,), (
+                "joint" if module.added_kv_proj_dim is not None else "self")
+            processor_cls = DiffrtFluxProcessor
+            head_dim = module.head_dim
+        else:
+            continue
+        if type(original) not in supported:  # exactly these: a subclass may compute something else
+            raise ValueError(f"{name}: attention processor {type(original).__name__} is not one diffrt reproduces "
+                             f"({', '.join(c.__name__ for c in supported)}); restore the default processor first")
+        if head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"{name}: head dim {head_dim} > {MAX_HEAD_DIM}, which the attention kernel does not serve")
+        layer = Layer(name, kind, module.heads, head_dim, int(patch))
+        module.set_processor(processor_cls(original, layer))
+        layers.append(layer)
+    return layers
