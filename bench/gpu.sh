@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the lent GPU machine: install the carried wheels, build diffrt's extension, run the
-# GPU tests, run the benchmarks, run the CPU test tier; logs and JSON go to DIR.
+# GPU tests, the benchmarks, `diffrt demo` on the GPU and the CPU test tier; logs and JSON go to DIR.
 #
 #   bash bench/gpu.sh DIR            (on the device: bash bench/gpu.sh "$OUT")
 #
@@ -16,6 +16,7 @@
 #   DIFFRT_GIT_SHA     the git SHA to stamp results with (the device copy has no .git)
 #   DIFFRT_GIT_DIRTY   1 / 0, likewise
 #   BENCH_ARGS         extra arguments for bench.bench_sampler (e.g. "--solvers ddim,unipc")
+#   ATTENTION_ARGS     extra arguments for bench.bench_attention (e.g. "--cases sd15-512-l0,dit-xl-512")
 #   PYTEST_WORKERS     xdist workers for the CPU tier (default 8; 0 runs it in one process)
 set -u -o pipefail
 
@@ -138,9 +139,14 @@ main() {
   $PY -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=300)
   # conftest defaults TRITON_INTERPRET to 1 (for CPU tensors); the GPU tier and the benchmarks
   # must compile Triton kernels for the GPU.
-  stage tests-gpu 180 "$DIR/tests.log" env TRITON_INTERPRET=0 \
+  # the tile autotuner would compile several tiles per shape class of the tests: heuristic tiles there
+  # (test_every_autotune_candidate_computes_the_same turns it on for its own cases)
+  stage tests-gpu 180 "$DIR/tests.log" env TRITON_INTERPRET=0 DIFFRT_ATTENTION_AUTOTUNE=0 \
     bash -c 'cd tests && exec "$@"' _ $PY -m pytest -q -rfEs -p no:cacheprovider "${timeout_flag[@]}" -m gpu .
   stage bench-sampler 200 - bash -c run_bench_sampler
+  stage bench-attention 240 - env TRITON_INTERPRET=0 $PY -m bench.bench_attention --out "$DIR" --device cuda \
+    ${ATTENTION_ARGS:-}
+  stage demo 90 - env TRITON_INTERPRET=0 $PY -m diffrt.runtime.cli demo --out /tmp/diffrt-demo --device cuda
   stage tests-cpu-tier 240 "$DIR/tests.log" env OMP_NUM_THREADS=2 \
     bash -c 'cd tests && exec "$@"' _ $PY -m pytest -q -rfE -p no:cacheprovider "${timeout_flag[@]}" "${xdist[@]}" -m "not gpu" .
 

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 
 pytest.importorskip("diffusers")
 
-from bench import bench_sampler, harness  # noqa: E402
+from bench import bench_attention, bench_sampler, harness  # noqa: E402
 
 STAMP_KEYS = ("device_type", "python", "torch", "triton", "git_sha", "git_dirty", "source_hash", "cpu_model",
               "cpu_count", "utc")
@@ -57,6 +57,24 @@ def test_bench_sampler_quick_writes_stamped_sane_json(tmp_path):
         assert row["host_syncs_per_step"] is None  # nothing to count on CPU
     ours = next(row for row in rows if row["variant"] == "diffrt-eager")
     assert 0 <= ours["rel_err"] < 1e-5
+
+
+def test_bench_attention_quick_checks_then_times_every_variant(tmp_path):
+    code = bench_attention.main(["--out", str(tmp_path), "--device", "cpu", "--quick", "--repeats", "3",
+                                 "--warmup", "1"])
+    document = json.loads(next(tmp_path.glob("cpu-*-attention.json")).read_text())
+    assert code == 0
+    rows = document["rows"]
+    assert {row["case"] for row in rows} == {case.name for case in bench_attention.QUICK}
+    variants = {(row["case"], row["variant"]) for row in rows}
+    assert ("tiny-2d", "diffrt-todo2") in variants and ("tiny-2d", "downsample+sdpa") in variants
+    assert ("tiny-cross", "diffrt-sparse") not in variants  # no grid ops on cross-attention
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["max_rel_error"] < 1e-4 and row["ms"]["median"] > 0 and row["tflops"] > 0
+        assert row["ms"]["p20"] <= row["ms"]["median"] <= row["ms"]["p80"]
+    sparse = next(row for row in rows if row["variant"] == "diffrt-sparse")
+    assert 0 < sparse["density"] < 1
 
 
 def test_bench_sampler_skips_unknown_solver_with_a_note(tmp_path):
