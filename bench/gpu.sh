@@ -139,9 +139,9 @@ main() {
   $PY -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=300)
   # conftest defaults TRITON_INTERPRET to 1 (for CPU tensors); the GPU tier and the benchmarks
   # must compile Triton kernels for the GPU.
-  # the tile autotuner would compile several tiles per shape class of the tests: heuristic tiles there
+  # the autotuner would compile several tiles per shape class of the tests: heuristic tiles there
   # (test_every_autotune_candidate_computes_the_same turns it on for its own cases)
-  stage tests-gpu 180 "$DIR/tests.log" env TRITON_INTERPRET=0 DIFFRT_ATTENTION_AUTOTUNE=0 \
+  stage tests-gpu 180 "$DIR/tests.log" env TRITON_INTERPRET=0 DIFFRT_AUTOTUNE=0 \
     bash -c 'cd tests && exec "$@"' _ $PY -m pytest -q -rfEs -p no:cacheprovider "${timeout_flag[@]}" -m gpu .
   stage bench-sampler 200 - bash -c run_bench_sampler
   stage bench-attention 240 - env TRITON_INTERPRET=0 $PY -m bench.bench_attention --out "$DIR" --device cuda \

@@ -16,7 +16,7 @@ Backends, in the order "auto" tries them:
 
 ``registry.explain("attention", q, k, v, ...)`` says which backend serves a call and why the others
 do not. On CUDA the first call of each shape class times a few tile configurations and keeps the
-fastest (``DIFFRT_ATTENTION_AUTOTUNE=0`` takes the heuristic tile instead); the choice is cached,
+fastest (``DIFFRT_AUTOTUNE=0`` takes the heuristic tile instead); the choice is cached,
 so calls inside CUDA-graph capture launch without timing.
 """
 from __future__ import annotations

@@ -1,12 +1,13 @@
-"""Compile the Triton attention kernel for a GPU architecture on a machine without a GPU.
+"""Compile diffrt's Triton kernels for a GPU architecture on a machine without a GPU.
 
-    python -m diffrt.kernels.attention_compile [--arch 90] [--quick]
+    python -m diffrt.kernels.compile_check [--arch 90] [--quick] [--kernels attention,int8]
 
 Triton compiles ahead of time for an explicit target (``GPUTarget("cuda", arch, 32)``) without a
-driver, so a CPU-only machine catches compile errors of every variant (dtypes, head dims, ToDo
-modes, sparse or dense, tiles) and reads each variant's resources: registers, spilled bytes
-(``cuobjdump --dump-resource-usage``, shipped with Triton) and shared memory.
-Run it with ``TRITON_INTERPRET`` unset (an interpreted kernel cannot be compiled).
+driver, so a CPU-only machine catches compile errors of every variant (attention: dtypes, head
+dims, ToDo modes, sparse or dense; INT8 GEMM: quantizing prologue or int8 input, SmoothQuant,
+bias, activations, output dtypes; each at its heuristic tile) and reads each variant's
+resources: registers, spilled bytes (``cuobjdump --dump-resource-usage``, shipped with Triton)
+and shared memory. Run it with ``TRITON_INTERPRET`` unset (an interpreted kernel cannot be compiled).
 """
 from __future__ import annotations
 
@@ -21,25 +22,19 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-TYPES = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
-
 
 @dataclass
 class Variant:
-    dtype: str
-    head_dim: int
-    mode: int  # 0 dense keys, 1 nearest, 2 average
-    sparse: bool
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
+    kernel: str  # "attention" or "int8"
+    dtype: str  # input dtype (int8 x for a pre-quantized GEMM input)
+    options: dict  # the kernel's constexpr values and launch options
 
 
-def variants(quick: bool = False) -> list[Variant]:
-    """The compiled set at the heuristic tiles: every dtype x head dim of real models x ToDo mode x
-    sparse or dense; ``quick``: fp16 over head dims 64 / 72 / 160, plus one bf16 and one fp32 variant."""
+def attention_variants(quick: bool = False) -> list[Variant]:
+    """Every dtype x head dim of real models x ToDo mode x sparse or dense, at the heuristic tile;
+    ``quick``: fp16 over head dims 64 / 72 / 160, plus one bf16 and one fp32 variant."""
     from .attention_tiles import heuristic  # noqa: PLC0415
+    from .attention_triton import head_dim_chunks  # noqa: PLC0415
 
     if quick:
         grid = [("float16", dim, mode, sparse) for dim in (64, 72, 160) for mode in (0, 2) for sparse in (False, True)]
@@ -50,8 +45,56 @@ def variants(quick: bool = False) -> list[Variant]:
     out = []
     for dtype, dim, mode, sparse in grid:
         tile = heuristic(dim, dim, None, mode)
-        out.append(Variant(dtype, dim, mode, sparse, tile.block_m, tile.block_n, tile.num_warps, tile.num_stages))
+        d1, d2 = head_dim_chunks(dim)
+        constants = {"HEAD_DIM": dim, "D1": d1, "D2": d2, "D2P": max(d2, 16), "VALUE_DIM": dim, "V1": d1, "V2": d2,
+                     "V2P": max(d2, 16), "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "MODE": mode, "FACTOR": 2,
+                     "SPARSE": sparse, "DOT_FP32": False, "IEEE": dtype == "float32",
+                     "num_warps": tile.num_warps, "num_stages": tile.num_stages}
+        out.append(Variant("attention", dtype, constants))
     return out
+
+
+def int8_variants(quick: bool = False) -> list[Variant]:
+    """The INT8 GEMM: float input quantized in the prologue (fp16 / bf16 / fp32, with and without
+    SmoothQuant) or int8 input, bias and activations, float or int32 output, at both heuristic tiles."""
+    from .int8_launch import _tiles  # noqa: PLC0415
+
+    inputs = [("float16", True, False), ("bfloat16", True, True), ("int8", False, False)]
+    if not quick:
+        inputs += [("float32", True, False), ("float16", True, True)]
+    out = []
+    for (dtype, quantize, smooth), act, m in itertools.product(inputs, (0, 1, 2), (32, 1024)):
+        if quick and act == 2:
+            continue
+        block_m, block_n, block_k, group_m, warps, stages = _tiles(m, 1280, 1280)[0]
+        out.append(Variant("int8", dtype, {"QUANTIZE": quantize, "SMOOTH": smooth, "HAS_BIAS": True, "ACT": act,
+                                           "OUT_INT32": False, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                                           "BLOCK_K": block_k, "GROUP_M": group_m, "num_warps": warps,
+                                           "num_stages": stages, "out": "float16" if dtype == "int8" else dtype}))
+    block_m, block_n, block_k, group_m, warps, stages = _tiles(1024, 1280, 1280)[0]
+    out.append(Variant("int8", "int8", {"QUANTIZE": False, "SMOOTH": False, "HAS_BIAS": False, "ACT": 0,
+                                        "OUT_INT32": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                                        "GROUP_M": group_m, "num_warps": warps, "num_stages": stages, "out": "int32"}))
+    return out
+
+
+KERNELS = {"attention": attention_variants, "int8": int8_variants}
+POINTER = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "int8": "*i8", "int32": "*i32"}
+
+
+def _signature(variant: Variant, arg_names: list[str], constants: dict) -> dict[str, str]:
+    signature = {}
+    for name in arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif variant.kernel == "attention":
+            signature[name] = (POINTER[variant.dtype] if name in ("Q", "K", "V", "O") else
+                               "*i32" if name in ("KV_INDEX", "KV_COUNT") else "fp32" if name == "qk_scale" else "i32")
+        else:
+            pointers = {"X": POINTER[variant.dtype], "W": "*i8", "Y": POINTER[variant.options["out"]], "W_SCALE": "*fp32",
+                        "ROW_SCALE": "*fp32", "BIAS": "*fp32", "INV_SMOOTH": "*fp32"}
+            signature[name] = pointers.get(name, "i32")
+    return signature
 
 
 def compile_variant(variant: Variant, arch: int):
@@ -60,32 +103,18 @@ def compile_variant(variant: Variant, arch: int):
     from triton.backends.compiler import GPUTarget  # noqa: PLC0415
     from triton.compiler import ASTSource  # noqa: PLC0415
 
-    from . import attention_triton as kernel_module  # noqa: PLC0415
-
-    kernel = kernel_module.attention_kernel
+    if variant.kernel == "attention":
+        from .attention_triton import attention_kernel as kernel  # noqa: PLC0415
+    else:
+        from .int8_triton import int8_linear_kernel as kernel  # noqa: PLC0415
     if not hasattr(kernel, "arg_names"):
         raise RuntimeError("the kernel is interpreted (TRITON_INTERPRET is set): unset it to compile")
-    d1, d2 = kernel_module.head_dim_chunks(variant.head_dim)
-    constants = {"HEAD_DIM": variant.head_dim, "D1": d1, "D2": d2, "D2P": max(d2, 16), "VALUE_DIM": variant.head_dim,
-                 "V1": d1, "V2": d2, "V2P": max(d2, 16), "BLOCK_M": variant.block_m, "BLOCK_N": variant.block_n,
-                 "MODE": variant.mode, "FACTOR": 2, "SPARSE": variant.sparse, "DOT_FP32": False,
-                 "IEEE": variant.dtype == "float32"}
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif name in ("Q", "K", "V", "O"):
-            signature[name] = TYPES[variant.dtype]
-        elif name in ("KV_INDEX", "KV_COUNT"):
-            signature[name] = "*i32"
-        elif name == "qk_scale":
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": variant.num_warps, "num_stages": variant.num_stages})
+    options = dict(variant.options)
+    launch_options = {"num_warps": options.pop("num_warps"), "num_stages": options.pop("num_stages")}
+    options.pop("out", None)
+    source = ASTSource(fn=kernel, signature=_signature(variant, kernel.arg_names, options),
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in options.items()})
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch_options)
 
 
 def _triton_tool(name: str) -> str | None:
@@ -114,20 +143,23 @@ def resource_usage(compiled) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffrt.kernels.attention_compile", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffrt.kernels.compile_check", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (80: A100, 90: H100/H200)")
-    parser.add_argument("--quick", action="store_true", help="a subset (14 variants; see variants())")
+    parser.add_argument("--quick", action="store_true", help="a subset of each kernel's variants")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated: attention, int8")
     parser.add_argument("--json", action="store_true", help="print one JSON object per variant")
     args = parser.parse_args(argv)
     failures = 0
-    for variant in variants(args.quick):
-        try:
-            usage = resource_usage(compile_variant(variant, args.arch))
-        except Exception as error:  # noqa: BLE001 - report every failing variant, then fail
-            failures += 1
-            print(f"FAILED {asdict(variant)}: {type(error).__name__}: {error}", file=sys.stderr)
-            continue
-        print(json.dumps({**asdict(variant), **usage}) if args.json else f"ok {asdict(variant)} {usage}")
+    for name in args.kernels.split(","):
+        for variant in KERNELS[name](args.quick):
+            try:
+                usage = resource_usage(compile_variant(variant, args.arch))
+            except Exception as error:  # noqa: BLE001 - report every failing variant, then fail
+                failures += 1
+                print(f"FAILED {asdict(variant)}: {type(error).__name__}: {error}", file=sys.stderr)
+                continue
+            row = {**asdict(variant), **usage}
+            print(json.dumps(row) if args.json else f"ok {row}")
     return 1 if failures else 0
 
 

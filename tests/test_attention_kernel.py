@@ -232,12 +232,12 @@ def test_auto_never_interprets_and_explains_why(monkeypatch):
 @pytest.mark.parametrize("head_dim, mode", [(64, "nearest"), (72, "average"), (160, None)])
 def test_every_autotune_candidate_computes_the_same(monkeypatch, head_dim, mode):
     """On CUDA the first call of a shape class times several tiles: the chosen one and each candidate are right."""
-    from diffrt.kernels import attention_launch, attention_tiles
+    from diffrt.kernels import attention_launch, attention_tiles, autotune
 
     q, k, v = _qkv(2, 400, 400, 3, head_dim, torch.float16, "cuda", _gen("tune", head_dim, mode))
     spec = None if mode is None else KVDownsample((20, 20), 2, mode)
-    monkeypatch.setenv("DIFFRT_ATTENTION_AUTOTUNE", "1")
-    attention_tiles.clear()
+    monkeypatch.setenv("DIFFRT_AUTOTUNE", "1")
+    autotune.clear()
     assert_close_to_truth(attention(q, k, v, kv_downsample=spec, backend="triton"), q, k, v, kv_downsample=spec)
     code = 0 if mode is None else attention_launch.MODE_CODES[mode]
     for tile in attention_tiles.candidates(head_dim, head_dim, None, code):
