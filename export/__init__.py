@@ -1,1 +1,10 @@
-"""diffrt.export: ONNX export, INT8 calibration, TensorRT / ONNX Runtime backends (later issues)."""
+"""diffrt.export: INT8 calibration and W8A8 layers (ONNX / TensorRT / ONNX Runtime backends: later issues).
+
+* :func:`calibrate` -> :class:`Calibration`: activation scales per quantized layer and timestep
+  group, saved and loaded with :meth:`Calibration.save` / :meth:`Calibration.load`;
+* :class:`QuantPolicy`: which layers become W8A8 (``optimize(den, int8=calibration)`` installs them).
+"""
+from .calibration import Calibration, calibrate, model_hash
+from .quant import QuantPolicy
+
+__all__ = ["Calibration", "QuantPolicy", "calibrate", "model_hash"]

@@ -15,6 +15,12 @@ What it does now (later options arrive with their issues and raise NotImplemente
   threshold and the mode. Changes the samples: measure with :mod:`diffrt.runtime.quality`.
 * ``sparse``: block-sparse self-attention, a :class:`~diffrt.runtime.attention.Sparse` (local
   window or dynamic selection). Changes the samples too.
+* ``int8``: W8A8 linears and 1x1 convs on INT8 kernels. A :class:`~diffrt.export.Calibration`
+  (or the path it was saved to) gives activation scales per timestep group: each sample's rows use
+  its own group's scale (found on the device from its timestep), and a sampler whose plan is not
+  the calibrated one is refused. ``int8="dynamic"`` quantizes per token instead (no calibration;
+  the policy's layers). ``int8_policy`` (a :class:`~diffrt.export.QuantPolicy`) picks the layers
+  for "dynamic"; a calibration names its own.
 * ``dtype``: the compute dtype; a model in another dtype is copied and converted (the original
   keeps its own), one already in it is shared.
 
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,21 +50,37 @@ class OptimizedDenoiser(Denoiser):
     """A :class:`Denoiser` whose calls run diffrt's attention (see :func:`optimize`)."""
 
     def __init__(self, base: Denoiser, model: Any, settings: attn.AttentionSettings | None,
-                 layers: list[attn.Layer], dtype: torch.dtype | None):
+                 layers: list[attn.Layer], dtype: torch.dtype | None, calibration: Any = None,
+                 int8_mode: str | None = None, int8_layers: list[str] | None = None):
         super().__init__(model, base.schedule, sample_shape=base.sample_shape, call=base._call, dtype=dtype)
         self.base = base
         self.settings = settings
         self.layers = layers
+        self.calibration = calibration
+        self.int8_mode = int8_mode
+        self.int8_layers = int8_layers or []
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        if self.settings is None:
-            return super().__call__(x, t, cond)
-        sample_hw = tuple(x.shape[-2:]) if x.dim() >= 4 else None
-        token = attn.ACTIVE.set((self.settings, sample_hw))
+        tokens = []
+        if self.settings is not None:
+            sample_hw = tuple(x.shape[-2:]) if x.dim() >= 4 else None
+            tokens.append((attn.ACTIVE, attn.ACTIVE.set((self.settings, sample_hw))))
+        if self.int8_mode is not None:
+            from diffrt.export import quant  # noqa: PLC0415
+
+            t_rows = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+            groups = self.calibration.groups_of(t_rows) if self.int8_mode == "static" else None
+            tokens.append((quant.ACTIVE, quant.ACTIVE.set((groups, self.int8_mode))))
         try:
             return super().__call__(x, t, cond)
         finally:
-            attn.ACTIVE.reset(token)
+            for var, token in reversed(tokens):
+                var.reset(token)
+
+    def check_plan(self, plan) -> None:
+        """Refuse a solver plan the INT8 calibration was not made for (the Sampler calls this)."""
+        if self.calibration is not None:
+            self.calibration.check_plan(plan)
 
     def describe(self) -> str:
         """What optimize() installed, one line per attention layer."""
@@ -66,6 +89,9 @@ class OptimizedDenoiser(Denoiser):
                  f"{None if s is None else s.backend!r}, todo={None if s is None else s.todo}, "
                  f"sparse={None if s is None else s.sparse})"]
         lines += [f"  {layer.name}: {layer.kind}-attention, {layer.heads} heads x {layer.head_dim}" for layer in self.layers]
+        if self.int8_mode is not None:
+            groups = f", {self.calibration.groups} timestep groups" if self.calibration is not None else ""
+            lines.append(f"  int8 ({self.int8_mode}{groups}): {len(self.int8_layers)} layers W8A8")
         return "\n".join(lines)
 
 
@@ -83,12 +109,12 @@ def _todo_config(todo: Any) -> attn.ToDo | None:
 
 def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | None = "auto", todo: Any = None,
              sparse: attn.Sparse | None = None, int8: Any = None, cuda_graphs: bool = False,
-             backend: str = "native") -> OptimizedDenoiser:
+             backend: str = "native", int8_policy: Any = None) -> OptimizedDenoiser:
     """An :class:`OptimizedDenoiser` of ``den`` (module docstring for the options)."""
     if not isinstance(den, Denoiser):
         raise TypeError(f"optimize takes a Denoiser (Denoiser.from_diffusers(...), models.load(...)), got "
                         f"{type(den).__name__}")
-    for name, value, default in (("int8", int8, None), ("cuda_graphs", cuda_graphs, False), ("backend", backend, "native")):
+    for name, value, default in (("cuda_graphs", cuda_graphs, False), ("backend", backend, "native")):
         if value != default:
             raise NotImplementedError(f"optimize({name}={value!r}) is not implemented yet; leave it at {default!r}")
     if attention is not None and attention not in ATTENTION_BACKENDS:
@@ -99,6 +125,7 @@ def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | N
     if attention is None and (todo_config is not None or sparse is not None):
         raise ValueError("todo and sparse run inside diffrt's attention: leave attention='auto' (or name a backend)")
 
+    calibration, int8_mode = _int8_request(den, int8)
     model = den.model
     if dtype is not None and dtype != den.dtype:
         if not isinstance(model, torch.nn.Module):
@@ -117,4 +144,37 @@ def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | N
             settings = attn.AttentionSettings(attention, todo_config, sparse)
             log.info("optimize: diffrt attention in %d layers (%s), todo=%s, sparse=%s", len(layers), attention,
                      todo_config, sparse)
-    return OptimizedDenoiser(den, model, settings, layers, dtype or den.dtype)
+    int8_layers = _install_int8(model, calibration, int8_mode, int8_policy)
+    return OptimizedDenoiser(den, model, settings, layers, dtype or den.dtype, calibration, int8_mode, int8_layers)
+
+
+def _int8_request(den: Denoiser, int8: Any) -> tuple[Any, str | None]:
+    """(calibration or None, mode "static" / "dynamic" / None) for ``optimize(int8=...)``; checks the model."""
+    if int8 is None:
+        return None, None
+    from diffrt.export import Calibration  # noqa: PLC0415
+
+    if int8 == "dynamic":
+        return None, "dynamic"
+    if isinstance(int8, (str, Path)):
+        int8 = Calibration.load(int8)
+    if not isinstance(int8, Calibration):
+        raise TypeError(f"int8 must be a Calibration, its path or 'dynamic'; got {type(int8).__name__}")
+    if not isinstance(den.model, torch.nn.Module):
+        raise TypeError("int8 needs an nn.Module model")
+    int8.check_model(den.model)
+    return int8, "static"
+
+
+def _install_int8(model: Any, calibration: Any, mode: str | None, policy: Any) -> list[str]:
+    if mode is None:
+        return []
+    from diffrt.export import QuantPolicy, quant  # noqa: PLC0415
+
+    if calibration is not None:
+        names = quant.install(model, calibration.layer_scales())
+    else:
+        names = (policy or QuantPolicy()).select(model)
+        quant.install(model, {name: (torch.ones(1), None) for name in names})
+    log.info("optimize: %d layers W8A8 (%s)", len(names), mode)
+    return names

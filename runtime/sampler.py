@@ -82,6 +82,9 @@ class Sampler:
             raise NotImplementedError("early_exit is not implemented yet")
         if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        check_plan = getattr(denoiser, "check_plan", None)  # e.g. an INT8 calibration made for one plan
+        if check_plan is not None:
+            check_plan(plan)
         self.denoiser = denoiser
         self.plan = plan
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)

@@ -1,0 +1,284 @@
+"""INT8 calibration per timestep group: ``calibrate(den, sampler_options, ...) -> Calibration``.
+
+Runs the full-precision sampler over a calibration set (conditions x seeds; with CFG the batch
+holds the unconditional branch too, and ``guidance_scales`` may add unguided runs), and records
+at every step of the plan each quantized layer's input statistics: the per-channel max |x| [K]
+and a seeded subsample of (|x|, channel) pairs. Then
+
+* **groups**: ``groups=1`` one shared set of scales; ``groups="steps"`` one per step; an int G
+  splits the steps into G contiguous groups of near-equal size; ``"auto"`` merges neighbouring
+  steps while every layer's max |x| within the group stays within a factor ``1 + tolerance``;
+* **scales** per (layer, group), from the group's statistics: ``"max"`` (max |x| / 127),
+  ``"percentile"`` (the ``percentile``-th |x| / 127) or ``"mse"`` (the clipping c in
+  [0.3, 1] x max minimising the subsample's quantization MSE, c / 127);
+* **SmoothQuant** (``smoothquant=alpha``): per input channel s_k = max|X_k|^alpha / max|W_k|^(1-alpha)
+  over all steps; activations are divided by s (``inv_smooth`` = 1 / s, applied in the kernel's
+  prologue) and weights multiplied by it; the scales are computed on the smoothed statistics.
+
+:class:`Calibration` saves to ``<path>.safetensors`` + ``<path>.json`` (model hash, plan
+timesteps, the step -> group map, method, layers) and loads back; ``check_model`` and
+``check_plan`` refuse a model or a plan it was not made for.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .quant import QuantPolicy
+
+log = logging.getLogger(__name__)
+
+SAMPLES_PER_CALL = 2048  # (|x|, channel) pairs kept per layer per model call
+METHODS = ("max", "percentile", "mse")
+FORMAT = "diffrt-int8-calibration/1"
+
+
+def model_hash(model: torch.nn.Module) -> str:
+    """sha256 (hex, 16 chars) of the model's state dict: names, shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class Calibration:
+    """Activation scales per quantized layer and timestep group, and what they were made for."""
+
+    model_hash: str
+    timesteps: list[float]
+    step_groups: list[int]  # group of each plan step
+    scales: dict[str, torch.Tensor]  # layer -> fp32 [G]
+    inv_smooth: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> fp32 [K] (SmoothQuant)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> int:
+        return max(self.step_groups) + 1
+
+    def layer_scales(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        return {name: (scale, self.inv_smooth.get(name)) for name, scale in self.scales.items()}
+
+    def group_lookup(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(plan timesteps fp32 [S], their groups int64 [S]) on ``device`` (for :meth:`groups_of`)."""
+        cache = self.__dict__.setdefault("_lookup", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = (torch.tensor(self.timesteps, dtype=torch.float32, device=device),
+                          torch.tensor(self.step_groups, dtype=torch.int64, device=device))
+        return cache[key]
+
+    def groups_of(self, t: torch.Tensor) -> torch.Tensor:
+        """Group ids int64 [B] of model timesteps t [B]: the group of the nearest plan timestep (on the device)."""
+        timesteps, groups = self.group_lookup(t.device)
+        nearest = (t.reshape(-1, 1).to(torch.float32) - timesteps[None, :]).abs().argmin(dim=1)
+        return groups.index_select(0, nearest)
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        found = model_hash(model)
+        if found != self.model_hash:
+            raise ValueError(f"this calibration was made for model {self.model_hash}, not {found} "
+                             "(other weights): calibrate this model")
+
+    def check_plan(self, plan) -> None:
+        """Refuse a solver plan whose timesteps are not the calibrated ones."""
+        timesteps = [float(t) for t in plan.timesteps()]
+        if len(timesteps) != len(self.timesteps) or any(abs(a - b) > 1e-3 for a, b in zip(timesteps, self.timesteps)):
+            raise ValueError(f"this calibration was made for a {len(self.timesteps)}-step plan with timesteps "
+                             f"{_short(self.timesteps)}; the sampler's plan has {len(timesteps)} steps "
+                             f"{_short(timesteps)}: calibrate with the same solver and steps")
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path.safetensors`` and ``path.json``; returns the JSON path."""
+        from safetensors.torch import save_file  # noqa: PLC0415
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"{name}.scales": s.contiguous() for name, s in self.scales.items()}
+        tensors.update({f"{name}.inv_smooth": s.contiguous() for name, s in self.inv_smooth.items()})
+        save_file(tensors, str(path.with_suffix(".safetensors")), metadata={"format": FORMAT})
+        document = {"format": FORMAT, "model_hash": self.model_hash, "timesteps": self.timesteps,
+                    "step_groups": self.step_groups, "layers": sorted(self.scales),
+                    "smoothed": sorted(self.inv_smooth), **self.meta}
+        json_path = path.with_suffix(".json")
+        json_path.write_text(json.dumps(document, indent=1) + "\n")
+        return json_path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read what :meth:`save` wrote (``path`` with or without a suffix)."""
+        from safetensors.torch import load_file  # noqa: PLC0415
+
+        path = Path(path)
+        json_path, weights_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        for file in (json_path, weights_path):
+            if not file.is_file():
+                raise FileNotFoundError(f"calibration file {file} is missing")
+        document = json.loads(json_path.read_text())
+        if document.get("format") != FORMAT:
+            raise ValueError(f"{json_path} is not a diffrt INT8 calibration ({FORMAT})")
+        tensors = load_file(str(weights_path))
+        scales = {name: tensors[f"{name}.scales"] for name in document["layers"]}
+        inv_smooth = {name: tensors[f"{name}.inv_smooth"] for name in document["smoothed"]}
+        meta = {k: v for k, v in document.items()
+                if k not in ("format", "model_hash", "timesteps", "step_groups", "layers", "smoothed")}
+        return cls(document["model_hash"], document["timesteps"], document["step_groups"], scales, inv_smooth, meta)
+
+
+def _short(values: Sequence[float]) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:4])
+    return f"[{shown}{', ...' if len(values) > 4 else ''}]"
+
+
+class _Recorder:
+    """Forward pre-hooks that collect per-step input statistics of the chosen layers."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], steps: int, seed: int):
+        self.step = 0
+        self.channel_max: dict[str, list[torch.Tensor | None]] = {n: [None] * steps for n in modules}
+        self.samples: dict[str, list[list[torch.Tensor]]] = {n: [[] for _ in range(steps)] for n in modules}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.handles = [m.register_forward_pre_hook(self._hook(n, isinstance(m, torch.nn.Conv2d)))
+                        for n, m in modules.items()]
+
+    def _hook(self, name: str, conv: bool):
+        def hook(module, inputs):
+            x = inputs[0].detach()
+            rows = (x.transpose(1, -1) if conv else x).reshape(-1, x.shape[1] if conv else x.shape[-1]).abs().float()
+            channel_max = rows.amax(dim=0).cpu()
+            previous = self.channel_max[name][self.step]
+            self.channel_max[name][self.step] = channel_max if previous is None else torch.maximum(previous, channel_max)
+            flat = rows.reshape(-1)
+            pick = torch.randint(0, flat.numel(), (min(SAMPLES_PER_CALL, flat.numel()),), generator=self.generator)
+            values = flat[pick.to(flat.device)].cpu()
+            self.samples[name][self.step].append(torch.stack([values, (pick % rows.shape[1]).float()], dim=1))
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _groups(channel_max: dict[str, list[torch.Tensor]], steps: int, groups: int | str, tolerance: float) -> list[int]:
+    """The group of each step (module docstring)."""
+    if groups == "steps":
+        return list(range(steps))
+    if groups == "auto":
+        ranges = torch.stack([torch.stack([c.max() for c in per_step]) for per_step in channel_max.values()])  # [L, S]
+        assignment, low, high, group = [0], ranges[:, 0].clone(), ranges[:, 0].clone(), 0
+        for step in range(1, steps):
+            new_low, new_high = torch.minimum(low, ranges[:, step]), torch.maximum(high, ranges[:, step])
+            if bool((new_high <= new_low.clamp_min(1e-12) * (1 + tolerance)).all()):
+                low, high = new_low, new_high
+            else:
+                group += 1
+                low, high = ranges[:, step].clone(), ranges[:, step].clone()
+            assignment.append(group)
+        return assignment
+    if isinstance(groups, int) and 1 <= groups <= steps:
+        return [step * groups // steps for step in range(steps)]
+    raise ValueError(f"groups must be an int in 1..{steps}, 'steps' or 'auto'; got {groups!r}")
+
+
+def _clip(values: torch.Tensor, vmax: float, method: str, percentile: float) -> float:
+    """The clipping value (scale * 127) of |x| samples ``values`` with maximum ``vmax``."""
+    if method == "max" or values.numel() == 0 or vmax <= 0:
+        return vmax
+    if method == "percentile":
+        return max(float(torch.quantile(values.double(), percentile / 100.0)), vmax * 1e-3)
+    best, best_err = vmax, math.inf
+    for ratio in torch.linspace(0.3, 1.0, 36).tolist():
+        clip = vmax * ratio
+        scale = clip / 127.0
+        err = ((torch.clamp(torch.round(values / scale), max=127) * scale - values) ** 2).mean().item()
+        if err < best_err:
+            best, best_err = clip, err
+    return best
+
+
+def calibrate(den, solver: str = "dpmpp-2m", steps: int = 20, cond: Sequence[Any] | torch.Tensor | None = None,
+              uncond: Any = None, guidance_scale: float | None = 3.0, seeds: Sequence[int] = (0,),
+              groups: int | str = "auto", method: str = "mse", percentile: float = 99.99, smoothquant: float | None = None,
+              policy: QuantPolicy | None = None, tolerance: float = 0.25, batch_size: int = 64, seed: int = 0,
+              progress: bool = True, **solver_options: Any) -> Calibration:
+    """Calibrate ``den`` (a Denoiser) for INT8 on the plan ``Sampler(den, solver, steps, ...)`` (module docstring).
+
+    ``cond``: the calibration conditions (a tensor [N, ...] or a list of per-sample conditions;
+    class labels for the digits models); each is sampled once per seed in ``seeds``. ``uncond``:
+    the unconditional conditioning for CFG ([N, ...] or one broadcast row).
+    """
+    from diffrt.runtime import Sampler  # noqa: PLC0415 - the runtime builds on export's inputs
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if smoothquant is not None and not 0 < smoothquant < 1:
+        raise ValueError(f"smoothquant is the migration strength alpha in (0, 1), got {smoothquant}")
+    if cond is None:
+        raise ValueError("calibrate needs cond: the calibration conditions (class labels, prompt embeddings)")
+    model = den.model
+    names = (policy or QuantPolicy()).select(model)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Linear / 1x1 conv layers the policy quantizes")
+    modules = dict(model.named_modules())
+    sampler = Sampler(den, solver, steps, guidance_scale=guidance_scale, **solver_options)
+    plan_steps = sampler.plan.steps
+    cond = torch.as_tensor(cond) if not torch.is_tensor(cond) else cond
+    runs = [(s, start) for s in seeds for start in range(0, len(cond), batch_size)]
+    recorder = _Recorder({n: modules[n] for n in names}, plan_steps, seed)
+    device = den.device or torch.device("cpu")
+    try:
+        with torch.no_grad():
+            for run_seed, start in tqdm(runs, desc="calibrate", unit="batch", disable=not progress):
+                c = cond[start:start + batch_size].to(device)
+                noise = torch.randn(len(c), *den.sample_shape, generator=torch.Generator().manual_seed(run_seed + start))
+                u = uncond
+                if torch.is_tensor(uncond):
+                    u = (uncond if uncond.shape[0] == 1 else uncond[start:start + batch_size]).to(device)
+                recorder.step = 0  # the sampler's callback moves it on after each step
+                sampler.sample(noise.to(device), cond=c, uncond=u,
+                               callback=lambda i, x: setattr(recorder, "step", i + 1))
+    finally:
+        recorder.remove()
+    step_groups = _groups(recorder.channel_max, plan_steps, groups, tolerance)
+    scales, inv_smooth = _choose_scales(recorder, modules, names, step_groups, method, percentile, smoothquant)
+    meta = {"solver": solver, "steps": steps, "solver_options": solver_options, "guidance_scale": guidance_scale,
+            "seeds": list(seeds), "conditions": len(cond), "groups_requested": groups, "method": method,
+            "percentile": percentile, "smoothquant": smoothquant, "tolerance": tolerance, "seed": seed}
+    log.info("calibrate: %d layers, %d steps in %d groups (%s), method %s%s", len(names), plan_steps,
+             max(step_groups) + 1, groups, method, f", SmoothQuant alpha {smoothquant}" if smoothquant else "")
+    return Calibration(model_hash(model), [float(t) for t in sampler.plan.timesteps()], step_groups, scales,
+                       inv_smooth, meta)
+
+
+def _choose_scales(recorder: _Recorder, modules, names, step_groups, method, percentile, smoothquant):
+    scales, inv_smooth = {}, {}
+    n_groups = max(step_groups) + 1
+    for name in names:
+        inv = None
+        if smoothquant is not None:
+            act_max = torch.stack(recorder.channel_max[name]).amax(dim=0).clamp_min(1e-5)
+            weight = modules[name].weight.detach().float().reshape(modules[name].weight.shape[0], -1)
+            w_max = weight.abs().amax(dim=0).clamp_min(1e-5)
+            smooth = (act_max ** smoothquant / w_max ** (1 - smoothquant)).clamp_min(1e-5)
+            inv = 1.0 / smooth
+            inv_smooth[name] = inv
+        per_group = []
+        for group in range(n_groups):
+            members = [s for s, g in enumerate(step_groups) if g == group]
+            pairs = torch.cat([p for s in members for p in recorder.samples[name][s]])
+            values = pairs[:, 0] if inv is None else pairs[:, 0] * inv[pairs[:, 1].long()]
+            channel_max = torch.stack([recorder.channel_max[name][s] for s in members]).amax(dim=0)
+            vmax = float((channel_max if inv is None else channel_max * inv).max())
+            per_group.append(max(_clip(values, vmax, method, percentile), 1e-8) / 127.0)
+        scales[name] = torch.tensor(per_group, dtype=torch.float32)
+    return scales, inv_smooth
