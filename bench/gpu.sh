@@ -17,6 +17,7 @@
 #   DIFFRT_GIT_DIRTY   1 / 0, likewise
 #   BENCH_ARGS         extra arguments for bench.bench_sampler (e.g. "--solvers ddim,unipc")
 #   ATTENTION_ARGS     extra arguments for bench.bench_attention (e.g. "--cases sd15-512-l0,dit-xl-512")
+#   INT8_ARGS          arguments for bench.bench_int8 (default "--e2e"; e.g. "--batches 2")
 #   PYTEST_WORKERS     xdist workers for the CPU tier (default 8; 0 runs it in one process)
 set -u -o pipefail
 
@@ -146,6 +147,7 @@ main() {
   stage bench-sampler 200 - bash -c run_bench_sampler
   stage bench-attention 240 - env TRITON_INTERPRET=0 $PY -m bench.bench_attention --out "$DIR" --device cuda \
     ${ATTENTION_ARGS:-}
+  stage bench-int8 200 - env TRITON_INTERPRET=0 $PY -m bench.bench_int8 --out "$DIR" --device cuda ${INT8_ARGS:---e2e}
   stage demo 90 - env TRITON_INTERPRET=0 $PY -m diffrt.runtime.cli demo --out /tmp/diffrt-demo --device cuda
   stage tests-cpu-tier 240 "$DIR/tests.log" env OMP_NUM_THREADS=2 \
     bash -c 'cd tests && exec "$@"' _ $PY -m pytest -q -rfE -p no:cacheprovider "${timeout_flag[@]}" "${xdist[@]}" -m "not gpu" .

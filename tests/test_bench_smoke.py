@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 
 pytest.importorskip("diffusers")
 
-from bench import bench_attention, bench_sampler, harness  # noqa: E402
+from bench import bench_attention, bench_int8, bench_sampler, harness  # noqa: E402
 
 STAMP_KEYS = ("device_type", "python", "torch", "triton", "git_sha", "git_dirty", "source_hash", "cpu_model",
               "cpu_count", "utc")
@@ -75,6 +75,19 @@ def test_bench_attention_quick_checks_then_times_every_variant(tmp_path):
         assert row["ms"]["p20"] <= row["ms"]["median"] <= row["ms"]["p80"]
     sparse = next(row for row in rows if row["variant"] == "diffrt-sparse")
     assert 0 < sparse["density"] < 1
+
+
+def test_bench_int8_quick_checks_then_times_every_variant(tmp_path):
+    code = bench_int8.main(["--out", str(tmp_path), "--device", "cpu", "--quick", "--repeats", "3", "--warmup", "1",
+                            "--batches", "1,2"])
+    document = json.loads(next(tmp_path.glob("cpu-*-int8.json")).read_text())
+    assert code == 0
+    rows = document["rows"]
+    assert len(rows) == len(bench_int8.QUICK) * 2 * 4
+    for row in rows:
+        assert row["status"] == "ok", row
+        assert row["ms"]["median"] > 0 and row["tops"] > 0 and row["speedup_vs_fp16"] > 0
+        assert row["max_rel_error"] < (1e-5 if "int8" in row["variant"] or "int_mm" in row["variant"] else 1e-6)
 
 
 def test_bench_sampler_skips_unknown_solver_with_a_note(tmp_path):

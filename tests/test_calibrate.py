@@ -172,3 +172,18 @@ def test_calibrate_rejects_bad_arguments(dit):
         calibrate(dit)
     with pytest.raises(ValueError, match="alpha in"):
         calibrate(dit, cond=LABELS, smoothquant=1.5)
+
+
+def test_speed_policy_keeps_only_layers_that_gain(dit):
+    from diffrt.export.speed import LayerSpeed, measure_layers, speed_policy
+
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    t, y = torch.full((4,), 500.0), torch.tensor([1, 2, 3, 10])
+    speeds = measure_layers(dit, x, t, y, repeats=2)
+    assert [s.name for s in speeds] == QuantPolicy().select(dit.model)
+    assert all(s.float_ms > 0 and s.int8_ms > 0 and s.rows == 4 * 64 for s in speeds)
+    assert not any(quant.is_quantized(m) for m in dit.model.modules())  # measuring leaves the model as it was
+    measured = [LayerSpeed("blocks.0.attn.qkv", 256, 256, 768, 1.0, 2.0), LayerSpeed("blocks.0.mlp.0", 256, 256, 512,
+                                                                                       2.0, 1.0)]
+    chosen = speed_policy(measured).select(dit.model)
+    assert "blocks.0.attn.qkv" not in chosen and "blocks.0.mlp.0" in chosen
