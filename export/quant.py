@@ -1,15 +1,19 @@
 """W8A8 layers, the quantization policy, and per-sample scale selection.
 
-:func:`attach` makes an ``nn.Linear`` or 1x1 ``nn.Conv2d`` W8A8 in place: int8 weights with
-per-output-channel scales (:func:`~diffrt.kernels.int8_spec.quantize_weight`) and a device table
-of activation scales fp32 [G], one per timestep group, chosen by calibration, held as
-non-persistent buffers (the state dict does not change). Each call reads :data:`ACTIVE` (set by an optimized denoiser for its own calls):
-``(group_ids, mode)`` with ``group_ids`` int64 [B] on the device, the timestep group of each
-sample. Rows of sample b (its tokens, or its pixels for a 1x1 conv) are quantized with
+:func:`prepare` computes a layer's W8A8 weights (:class:`W8A8Weights`: int8 weight with
+per-output-channel scales, :func:`~diffrt.kernels.int8_spec.quantize_weight`; the activation
+scale table fp32 [G], one per timestep group, from calibration) and :func:`patch` gives the layer
+(``nn.Linear`` or 1x1 ``nn.Conv2d``) a dispatching forward. The weights live with the optimized
+denoiser, not in the module: during its calls :data:`ACTIVE` holds ``(group_ids, mode,
+{module: W8A8Weights})`` with ``group_ids`` int64 [B] on the device, each sample's timestep group,
+and a patched layer found there runs the INT8 kernel; any other call (the plain denoiser, another
+optimized variant without this layer) runs the layer's float computation. So several INT8
+variants of one model coexist, and the state dict never changes.
+
+Rows of sample b (its tokens, or its pixels for a 1x1 conv) are quantized with
 ``scales[group_ids[b]]``: a batch may mix timesteps (a stream batch), and the table is indexed on
 the device, so a CUDA-graph replay with other steps needs no re-capture. ``mode="dynamic"``
-quantizes per token instead (max |x| / 127 of each row), for comparison. Outside an optimized
-call the layer runs its original float module, so the unquantized denoiser keeps working.
+quantizes per token instead (max |x| / 127 of each row), for comparison.
 
 :class:`QuantPolicy` chooses the layers: Linear and 1x1 conv layers, except what the literature
 keeps in higher precision (time and class embeddings and the adaLN / modulation layers that
@@ -22,7 +26,6 @@ import contextvars
 import fnmatch
 import types
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -30,8 +33,9 @@ from torch import nn
 from diffrt.kernels.int8_launch import int8_linear
 from diffrt.kernels.int8_spec import dynamic_row_scale, quantize_weight
 
-ACTIVE: contextvars.ContextVar[tuple[torch.Tensor, str] | None] = contextvars.ContextVar("diffrt_int8", default=None)
-"""(group_ids int64 [B] on the device, mode "static" | "dynamic") of the optimized call in progress."""
+ACTIVE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("diffrt_int8", default=None)
+"""(group_ids int64 [B] on the device or None, mode "static" | "dynamic", {module: W8A8Weights}) of the
+optimized call in progress on this thread."""
 
 DEFAULT_KEEP = ("*time_emb*", "*timestep_emb*", "*time_proj*", "*t_embedder*", "*class_emb*", "*y_embedder*",
                 "*label_emb*", "*add_embedding*", "*adaLN*", "*adaln*", "*norm*.linear", "*emb_proj*",
@@ -69,100 +73,111 @@ class QuantPolicy:
         return chosen
 
 
-# Buffers attach() registers on a layer (non-persistent: the state dict is unchanged).
-BUFFERS = ("diffrt_w_q", "diffrt_w_scale", "diffrt_scales", "diffrt_inv_smooth", "diffrt_bias")
+@dataclass
+class W8A8Weights:
+    """What a W8A8 layer computes with: int8 weight [N, K], its per-channel scales [N], the activation
+    scale table [G], SmoothQuant's inverse factors [K] (or None) and the bias (or None)."""
+
+    w_q: torch.Tensor
+    w_scale: torch.Tensor
+    scales: torch.Tensor
+    inv_smooth: torch.Tensor | None
+    bias: torch.Tensor | None
 
 
-def is_quantized(module: nn.Module) -> bool:
-    return hasattr(module, "diffrt_w_q")
-
-
-def attach(module: nn.Module, scales: torch.Tensor, inv_smooth: torch.Tensor | None = None) -> None:
-    """Make ``module`` (Linear or 1x1 Conv2d) W8A8 in place: int8 weights and scales as buffers, and a
-    forward that runs the INT8 kernel inside optimized calls and the original computation otherwise.
-
-    The module keeps its float parameters (the unoptimized denoiser uses them) and its state dict;
-    attaching again replaces the previous calibration's buffers.
-    """
+def prepare(module: nn.Module, scales: torch.Tensor, inv_smooth: torch.Tensor | None = None) -> W8A8Weights:
+    """The W8A8 weights of ``module`` (Linear or 1x1 Conv2d) on its device; SmoothQuant folds s into w."""
     if not is_candidate(module):
         raise ValueError(f"{type(module).__name__} cannot be W8A8 (Linear and 1x1 Conv2d can)")
+    device = module.weight.device
     w = module.weight.detach().reshape(module.weight.shape[0], -1).float()
     if inv_smooth is not None:
-        w = w / inv_smooth.to(w.device, torch.float32)[None, :]  # SmoothQuant: x * inv_s and w * s
+        inv_smooth = inv_smooth.to(device, torch.float32)
+        w = w / inv_smooth[None, :]  # SmoothQuant: x * inv_s and w * s
     w_q, w_scale = quantize_weight(w)
     bias = None if module.bias is None else module.bias.detach().float()
-    values = (w_q, w_scale, scales.detach().float(), None if inv_smooth is None else inv_smooth.float(), bias)
-    for name, value in zip(BUFFERS, values):
-        if name in module._buffers:
-            del module._buffers[name]
-        module.register_buffer(name, None if value is None else value.to(module.weight.device).contiguous(),
-                               persistent=False)
+    return W8A8Weights(w_q, w_scale, scales.detach().to(device, torch.float32).contiguous(), inv_smooth, bias)
+
+
+def patch(module: nn.Module) -> None:
+    """Give ``module`` a forward that runs INT8 when the optimized call in progress holds weights for
+    it (in :data:`ACTIVE`) and its own float computation otherwise. Idempotent; the module's
+    parameters and state dict do not change."""
+    if not is_candidate(module):
+        raise ValueError(f"{type(module).__name__} cannot be W8A8 (Linear and 1x1 Conv2d can)")
     forward = _linear_forward if isinstance(module, nn.Linear) else _conv_forward
     module.forward = types.MethodType(forward, module)
 
 
-def detach(module: nn.Module) -> None:
-    """Undo :func:`attach`: drop the buffers, restore the class's forward."""
-    for name in BUFFERS:
-        module._buffers.pop(name, None)
+def unpatch(module: nn.Module) -> None:
+    """Undo :func:`patch` (the class's forward again)."""
     module.__dict__.pop("forward", None)
 
 
-def _rows_int8(module: nn.Module, rows: torch.Tensor, batch: int, active) -> torch.Tensor:
+def is_patched(module: nn.Module) -> bool:
+    return "forward" in module.__dict__ and getattr(module.forward, "__func__", None) in (_linear_forward,
+                                                                                       _conv_forward)
+
+
+def _rows_int8(weights: W8A8Weights, rows: torch.Tensor, batch: int, group_ids, mode: str) -> torch.Tensor:
     """rows [M, K] of ``batch`` samples -> [M, N] through the INT8 kernel (per-sample or per-token scales)."""
-    group_ids, mode = active
-    inv_smooth = module.diffrt_inv_smooth
-    if inv_smooth is not None:
-        inv_smooth = inv_smooth.float()
     if mode == "dynamic":
-        row_scale = dynamic_row_scale(rows, inv_smooth)
+        row_scale = dynamic_row_scale(rows, weights.inv_smooth)
     else:
         if group_ids.shape[0] != batch or rows.shape[0] % batch:
-            raise RuntimeError(f"W8A8 {type(module).__name__}: {rows.shape[0]} rows for {group_ids.shape[0]} samples; "
-                               "rows must be grouped by sample (batch-major)")
-        scales = module.diffrt_scales.float()
-        row_scale = scales.index_select(0, group_ids).repeat_interleave(rows.shape[0] // batch)
-    return int8_linear(rows, module.diffrt_w_q, module.diffrt_w_scale.float(), row_scale, module.diffrt_bias,
-                       inv_smooth=inv_smooth, out_dtype=rows.dtype)
+            raise RuntimeError(f"W8A8: {rows.shape[0]} rows for {group_ids.shape[0]} samples; rows must be grouped "
+                               "by sample (batch-major)")
+        row_scale = weights.scales.index_select(0, group_ids).repeat_interleave(rows.shape[0] // batch)
+    return int8_linear(rows, weights.w_q, weights.w_scale, row_scale, weights.bias, inv_smooth=weights.inv_smooth,
+                       out_dtype=rows.dtype)
+
+
+def _active(module: nn.Module) -> tuple[W8A8Weights, torch.Tensor | None, str] | None:
+    """(weights, group_ids, mode) when the optimized call in progress quantizes ``module``, else None."""
+    active = ACTIVE.get()
+    if active is None:
+        return None
+    group_ids, mode, layers = active
+    weights = layers.get(module)
+    return None if weights is None else (weights, group_ids, mode)
 
 
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    active = ACTIVE.get()
-    if active is None:
+    found = _active(self)
+    if found is None:
         return nn.Linear.forward(self, x)
-    out = _rows_int8(self, x.reshape(-1, x.shape[-1]), x.shape[0], active)
+    weights, group_ids, mode = found
+    out = _rows_int8(weights, x.reshape(-1, x.shape[-1]), x.shape[0], group_ids, mode)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    active = ACTIVE.get()
-    if active is None:
+    found = _active(self)
+    if found is None:
         return nn.Conv2d.forward(self, x)
+    weights, group_ids, mode = found
     batch, channels, height, width = x.shape
-    out = _rows_int8(self, x.permute(0, 2, 3, 1).reshape(-1, channels), batch, active)
+    out = _rows_int8(weights, x.permute(0, 2, 3, 1).reshape(-1, channels), batch, group_ids, mode)
     return out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
 
 
-def quantized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(name, layer) of every W8A8 layer in ``model``."""
-    for name, module in model.named_modules():
-        if is_quantized(module):
-            yield name, module
-
-
-def install(model: nn.Module, layer_scales: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> list[str]:
-    """:func:`attach` (scales [G], inv_smooth [K] or None) to each named layer of ``model``; returns the names."""
+def install(model: nn.Module, layer_scales: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+            ) -> dict[nn.Module, W8A8Weights]:
+    """:func:`prepare` and :func:`patch` each named layer of ``model`` with (scales [G], inv_smooth [K] or
+    None); returns {module: weights}, what an optimized call puts in :data:`ACTIVE`."""
     modules = dict(model.named_modules())
+    prepared = {}
     for name, (scales, inv_smooth) in layer_scales.items():
         if name not in modules:
             raise ValueError(f"the model has no layer {name!r} (the calibration names it)")
-        attach(modules[name], scales, inv_smooth)
-    return list(layer_scales)
+        prepared[modules[name]] = prepare(modules[name], scales, inv_smooth)
+        patch(modules[name])
+    return prepared
 
 
 def uninstall(model: nn.Module) -> int:
-    """:func:`detach` every W8A8 layer; returns how many there were."""
-    layers = list(quantized_layers(model))
-    for _, module in layers:
-        detach(module)
-    return len(layers)
+    """:func:`unpatch` every patched layer of ``model``; returns how many there were."""
+    patched = [module for module in model.modules() if is_patched(module)]
+    for module in patched:
+        unpatch(module)
+    return len(patched)

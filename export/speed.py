@@ -75,13 +75,15 @@ def measure_layers(den, x: torch.Tensor, t: torch.Tensor, cond: Any = None, poli
         module, layer_input = modules[name], inputs[name]
         device = layer_input.device
         float_ms = _median_ms(lambda: module(layer_input), device, repeats)
-        quant.attach(module, torch.ones(1, device=device))
-        token = quant.ACTIVE.set((None, "dynamic"))
+        was_patched = quant.is_patched(module)
+        quant.patch(module)
+        token = quant.ACTIVE.set((None, "dynamic", {module: quant.prepare(module, torch.ones(1))}))
         try:
             int8_ms = _median_ms(lambda: module(layer_input), device, repeats)
         finally:
             quant.ACTIVE.reset(token)
-            quant.detach(module)
+            if not was_patched:
+                quant.unpatch(module)
         weight = module.weight
         rows = layer_input.numel() // weight.shape[1] if weight.dim() == 2 else layer_input.numel() // layer_input.shape[1]
         results.append(LayerSpeed(name, rows, weight.shape[1], weight.shape[0], float_ms, int8_ms))

@@ -51,14 +51,16 @@ class OptimizedDenoiser(Denoiser):
 
     def __init__(self, base: Denoiser, model: Any, settings: attn.AttentionSettings | None,
                  layers: list[attn.Layer], dtype: torch.dtype | None, calibration: Any = None,
-                 int8_mode: str | None = None, int8_layers: list[str] | None = None):
+                 int8_mode: str | None = None, int8_weights: dict | None = None):
         super().__init__(model, base.schedule, sample_shape=base.sample_shape, call=base._call, dtype=dtype)
         self.base = base
         self.settings = settings
         self.layers = layers
         self.calibration = calibration
         self.int8_mode = int8_mode
-        self.int8_layers = int8_layers or []
+        self.int8_weights = int8_weights or {}  # {module: W8A8Weights}
+        names = {module: name for name, module in model.named_modules()} if self.int8_weights else {}
+        self.int8_layers = [names[module] for module in self.int8_weights]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         tokens = []
@@ -70,7 +72,7 @@ class OptimizedDenoiser(Denoiser):
 
             t_rows = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
             groups = self.calibration.groups_of(t_rows) if self.int8_mode == "static" else None
-            tokens.append((quant.ACTIVE, quant.ACTIVE.set((groups, self.int8_mode))))
+            tokens.append((quant.ACTIVE, quant.ACTIVE.set((groups, self.int8_mode, self.int8_weights))))
         try:
             return super().__call__(x, t, cond)
         finally:
@@ -144,8 +146,8 @@ def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | N
             settings = attn.AttentionSettings(attention, todo_config, sparse)
             log.info("optimize: diffrt attention in %d layers (%s), todo=%s, sparse=%s", len(layers), attention,
                      todo_config, sparse)
-    int8_layers = _install_int8(model, calibration, int8_mode, int8_policy)
-    return OptimizedDenoiser(den, model, settings, layers, dtype or den.dtype, calibration, int8_mode, int8_layers)
+    int8_weights = _install_int8(model, calibration, int8_mode, int8_policy)
+    return OptimizedDenoiser(den, model, settings, layers, dtype or den.dtype, calibration, int8_mode, int8_weights)
 
 
 def _int8_request(den: Denoiser, int8: Any) -> tuple[Any, str | None]:
@@ -166,15 +168,16 @@ def _int8_request(den: Denoiser, int8: Any) -> tuple[Any, str | None]:
     return int8, "static"
 
 
-def _install_int8(model: Any, calibration: Any, mode: str | None, policy: Any) -> list[str]:
+def _install_int8(model: Any, calibration: Any, mode: str | None, policy: Any) -> dict:
+    """{module: W8A8Weights} of the layers to run in INT8 (patched to dispatch)."""
     if mode is None:
-        return []
+        return {}
     from diffrt.export import QuantPolicy, quant  # noqa: PLC0415
 
     if calibration is not None:
-        names = quant.install(model, calibration.layer_scales())
+        layer_scales = calibration.layer_scales()
     else:
-        names = (policy or QuantPolicy()).select(model)
-        quant.install(model, {name: (torch.ones(1), None) for name in names})
-    log.info("optimize: %d layers W8A8 (%s)", len(names), mode)
-    return names
+        layer_scales = {name: (torch.ones(1), None) for name in (policy or QuantPolicy()).select(model)}
+    weights = quant.install(model, layer_scales)
+    log.info("optimize: %d layers W8A8 (%s)", len(weights), mode)
+    return weights

@@ -79,10 +79,10 @@ def test_rows_use_their_samples_scale():
     gen = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(24, 16)
     scales = torch.tensor([0.01, 0.05, 0.2])
-    quant.attach(layer, scales)
+    weights = quant.install(torch.nn.Sequential(layer), {"0": (scales, None)})
     x = torch.randn(3, 5, 24, generator=gen)
     group_ids = torch.tensor([2, 0, 1])
-    token = quant.ACTIVE.set((group_ids, "static"))
+    token = quant.ACTIVE.set((group_ids, "static", weights))
     try:
         out = layer(x)
     finally:
@@ -93,9 +93,14 @@ def test_rows_use_their_samples_scale():
         expected = int8_linear_reference(x[b], w_q, w_scale, row_scale, layer.bias.detach())
         torch.testing.assert_close(out[b], expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # outside: float
-    assert "diffrt_w_q" not in layer.state_dict()
-    quant.detach(layer)
-    assert not quant.is_quantized(layer) and "forward" not in layer.__dict__
+    token = quant.ACTIVE.set((group_ids, "static", {}))  # another variant's call, without this layer
+    try:
+        assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    finally:
+        quant.ACTIVE.reset(token)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    quant.unpatch(layer)
+    assert not quant.is_patched(layer) and "forward" not in layer.__dict__
 
 
 def test_1x1_conv_rows_are_pixels():
@@ -103,8 +108,8 @@ def test_1x1_conv_rows_are_pixels():
     conv = torch.nn.Conv2d(8, 6, 1)
     x = torch.randn(2, 8, 3, 4, generator=gen)
     scale = x.abs().max() / 127
-    quant.attach(conv, scale.reshape(1))
-    token = quant.ACTIVE.set((torch.tensor([0, 0]), "static"))
+    quant.patch(conv)
+    token = quant.ACTIVE.set((torch.tensor([0, 0]), "static", {conv: quant.prepare(conv, scale.reshape(1))}))
     try:
         out = conv(x)
     finally:
@@ -114,7 +119,7 @@ def test_1x1_conv_rows_are_pixels():
     expected = int8_linear_reference(rows, w_q, w_scale, scale.expand(24), conv.bias.detach())
     torch.testing.assert_close(out, expected.reshape(2, 3, 4, 6).permute(0, 3, 1, 2), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="cannot be W8A8"):
-        quant.attach(torch.nn.Conv2d(8, 6, 3), torch.tensor([0.02]))
+        quant.prepare(torch.nn.Conv2d(8, 6, 3), torch.tensor([0.02]))
 
 
 def test_save_load_and_refusals(dit, calibration, tmp_path):
@@ -156,6 +161,16 @@ def test_int8_sampling_end_to_end(dit, calibration, smoothquant):
     assert (samples - reference).abs().max() > 0  # and the int8 path did run
 
 
+def test_two_int8_variants_of_one_model_coexist(dit, calibration):
+    shared = calibrate(dit, "dpmpp-2m", STEPS, cond=LABELS, uncond=NULL, guidance_scale=3.0, groups=1,
+                       method="max", progress=False)
+    per_step, one_set = optimize(dit, int8=calibration), optimize(dit, int8=shared)
+    first = _sample(per_step)
+    _sample(one_set)
+    assert torch.equal(_sample(per_step), first)  # the second optimize() did not replace the first's scales
+    assert not torch.equal(_sample(one_set), first)
+
+
 def test_dynamic_mode_needs_no_calibration(dit):
     fast = optimize(dit, int8="dynamic")
     assert fast.calibration is None and fast.int8_mode == "dynamic"
@@ -179,10 +194,11 @@ def test_speed_policy_keeps_only_layers_that_gain(dit):
 
     x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     t, y = torch.full((4,), 500.0), torch.tensor([1, 2, 3, 10])
+    patched_before = [quant.is_patched(m) for m in dit.model.modules()]
     speeds = measure_layers(dit, x, t, y, repeats=2)
     assert [s.name for s in speeds] == QuantPolicy().select(dit.model)
     assert all(s.float_ms > 0 and s.int8_ms > 0 and s.rows == 4 * 64 for s in speeds)
-    assert not any(quant.is_quantized(m) for m in dit.model.modules())  # measuring leaves the model as it was
+    assert [quant.is_patched(m) for m in dit.model.modules()] == patched_before  # the model is left as it was
     measured = [LayerSpeed("blocks.0.attn.qkv", 256, 256, 768, 1.0, 2.0), LayerSpeed("blocks.0.mlp.0", 256, 256, 512,
                                                                                        2.0, 1.0)]
     chosen = speed_policy(measured).select(dit.model)
