@@ -157,10 +157,11 @@ def plan_layer(settings: AttentionSettings, layer: Layer, q: torch.Tensor, k: to
     return down, mask
 
 
-def _fused(layer: Layer, settings: AttentionSettings, q, k, v, grid_level, self_attention: bool,
-           scale: float | None) -> torch.Tensor:
+def _fused(layer: Layer, settings: AttentionSettings, q, k, v, grid_level, self_attention: bool) -> torch.Tensor:
+    """diffrt attention of one call, scale 1/sqrt(D) like the processors it replaces (AttnProcessor2_0
+    does not apply ``attn.scale`` either: the same samples)."""
     down, mask = plan_layer(settings, layer, q, k, grid_level, self_attention)
-    return attention(q, k, v, scale=scale, kv_downsample=down, block_mask=mask, backend=settings.backend)
+    return attention(q, k, v, kv_downsample=down, block_mask=mask, backend=settings.backend)
 
 
 def _log_fallback(layer: Layer, reason: str) -> None:
@@ -215,7 +216,7 @@ class DiffrtProcessor:
             grid_level = ((height, width), _level(scale, self.layer.finest_scale))
         else:
             grid_level = token_grid(sample_hw, tokens, self.layer.finest_scale)
-        out = _fused(self.layer, settings, query, key, value, grid_level, self_attention, attn.scale)
+        out = _fused(self.layer, settings, query, key, value, grid_level, self_attention)
         hidden_states = attn.to_out[1](attn.to_out[0](out.reshape(batch, tokens, -1).to(query.dtype)))
         if four_d:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
@@ -260,7 +261,7 @@ class DiffrtFluxProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
         grid_level = None if joint else token_grid(sample_hw, query.shape[1], self.layer.finest_scale)
-        out = _fused(self.layer, settings, query, key, value, grid_level, not joint, None)
+        out = _fused(self.layer, settings, query, key, value, grid_level, not joint)
         hidden_states = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is None:
             return hidden_states
@@ -281,7 +282,7 @@ class DiTProcessor:
         if active is None:
             return None
         grid_level = (self.layer.fixed_grid, 0) if self.layer.fixed_grid is not None else None
-        return _fused(self.layer, active[0], q, k, v, grid_level, True, None)
+        return _fused(self.layer, active[0], q, k, v, grid_level, True)
 
 
 def _original(processor: Any) -> Any:

@@ -188,8 +188,8 @@ def test_refusals_say_what_to_change(dit, caplog):
     with caplog.at_level(logging.INFO, logger="diffrt.runtime.optimized"):
         assert optimize(plain).settings is None
     assert "attention left as it is" in caplog.text
-    with pytest.raises(NotImplementedError, match="int8"):
-        optimize(dit, int8=object())
+    with pytest.raises(NotImplementedError, match="cuda_graphs"):
+        optimize(dit, cuda_graphs=True)
     with pytest.raises(ValueError, match="attention must be None or one of"):
         optimize(dit, attention="flash")
     with pytest.raises(TypeError, match="todo must be"):
