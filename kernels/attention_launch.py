@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -39,31 +37,10 @@ MAX_HEAD_DIM = 256
 MODE_CODES = {"nearest": 1, "average": 2}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _features(q, k, v, scale=None, kv_downsample=None, block_mask=None) -> dict:
     return {"device": q.device.type, "index": q.device.index, "dtype": str(q.dtype).replace("torch.", ""),
             "head_dim": q.shape[-1], "value_dim": v.shape[-1], "sparse": block_mask is not None,
             "downsample": None if kv_downsample is None else kv_downsample.mode}
-
-
-def _triton_problem(features: dict) -> str | None:
-    try:
-        import triton  # noqa: F401, PLC0415
-    except ImportError as error:
-        return f"triton is not installed ({error})"
-    if features["device"] == "cpu":
-        return None if _interpreting() else "Triton runs CPU tensors only under TRITON_INTERPRET=1 (tests)"
-    if features["device"] != "cuda":
-        return f"Triton serves CUDA tensors; these are on {features['device']}"
-    if not torch.cuda.is_available():
-        return "torch sees no usable CUDA device"
-    major, minor = torch.cuda.get_device_capability(features["index"] or 0)
-    if major < 8:
-        return f"the kernel needs compute capability >= 8.0; this GPU is {major}.{minor}"
-    return None
 
 
 def _check(q, k, v, scale, kv_downsample, block_mask) -> None:
@@ -138,7 +115,7 @@ def _run_triton(q, k, v, scale, kv_downsample, block_mask):
     else:
         down = (MODE_CODES[kv_downsample.mode] if kv_downsample.factor > 1 else 0, kv_downsample.factor,
                 *kv_downsample.grid, kv_downsample.out_grid[1])
-    dot_fp32 = _interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 arithmetic is wrong
+    dot_fp32 = registry.interpreting() and q.dtype == torch.bfloat16  # the interpreter's bf16 arithmetic is wrong
     if block_mask is not None:
         index, count = block_mask_tables(block_mask, q.device)
         tables = (index, count, _broadcast_strides(index), _broadcast_strides(count))
@@ -149,7 +126,7 @@ def _run_triton(q, k, v, scale, kv_downsample, block_mask):
         kernel.launch(q, k, v, out, *tables, scale, down, tile.block_m, tile.block_n, tile.num_warps,
                       tile.num_stages, dot_fp32)
 
-    tile = choose_tiles(q, k, v, down, block_mask, launch, interpreting=_interpreting())
+    tile = choose_tiles(q, k, v, down, block_mask, launch, interpreting=registry.interpreting())
     launch(tile)
     return out
 
@@ -165,7 +142,7 @@ def block_mask_tables(block_mask: BlockMask, device: torch.device) -> tuple[torc
 
 
 registry.add_op(OP, _features)
-registry.register(OP, "triton", _run_triton, _triton_problem, priority=0, devices=("cuda", "cpu"),
+registry.register(OP, "triton", _run_triton, registry.triton_problem, priority=0, devices=("cuda", "cpu"),
                   auto_devices=("cuda",))
 registry.register(OP, "torch", _run_torch, lambda features: None, priority=50)
 registry.register(OP, "reference", _run_reference, lambda features: None, priority=100)

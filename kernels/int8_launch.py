@@ -21,8 +21,6 @@ On CUDA the tile is autotuned once per shape class (:mod:`diffrt.kernels.autotun
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import autotune, registry
@@ -32,26 +30,9 @@ OP = "int8_linear"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _features(x, w_q, w_scale, row_scale, bias=None, activation=None, inv_smooth=None, out_dtype=None) -> dict:
     return {"device": x.device.type, "index": x.device.index, "dtype": str(x.dtype).replace("torch.", ""),
             "m": x.shape[0], "k": x.shape[1], "n": w_q.shape[0]}
-
-
-def _triton_problem(features: dict) -> str | None:
-    try:
-        import triton  # noqa: F401, PLC0415
-    except ImportError as error:
-        return f"triton is not installed ({error})"
-    if features["device"] == "cpu":
-        return None if _interpreting() else "Triton runs CPU tensors only under TRITON_INTERPRET=1 (tests)"
-    if not torch.cuda.is_available():
-        return "torch sees no usable CUDA device"
-    major, minor = torch.cuda.get_device_capability(features["index"] or 0)
-    return None if major >= 8 else f"INT8 tensor cores through Triton need compute capability >= 8.0, not {major}.{minor}"
 
 
 def _torch_problem(features: dict) -> str | None:
@@ -129,7 +110,7 @@ def _run_triton(x, w_q, w_scale, row_scale, bias, activation, inv_smooth, out_dt
     def launch(tile) -> None:
         int8_triton.launch(x, w_q, w_scale, row_scale, bias, inv_smooth, y, activation, tile)
 
-    if _interpreting():
+    if registry.interpreting():
         tile = (32, 32, 32, 4, 4, 1)
     else:
         bucket = 1 << max(0, (m - 1).bit_length())
@@ -140,7 +121,7 @@ def _run_triton(x, w_q, w_scale, row_scale, bias, activation, inv_smooth, out_dt
 
 
 registry.add_op(OP, _features)
-registry.register(OP, "triton", _run_triton, _triton_problem, priority=0, devices=("cuda", "cpu"),
+registry.register(OP, "triton", _run_triton, registry.triton_problem, priority=0, devices=("cuda", "cpu"),
                   auto_devices=("cuda",))
 registry.register(OP, "torch", _run_torch, _torch_problem, priority=50)
 registry.register(OP, "reference", _run_reference, lambda features: None, priority=100)

@@ -250,3 +250,31 @@ def cuda_problem(device_index: int) -> str | None:
         return (f"{name} is sm_{major}{minor}; diffrt.kernels._C was compiled for {module.CUDA_ARCHS} "
                 f"(rebuild with DIFFRT_CUDA_ARCHS={major}{minor})")
     return None
+
+
+def interpreting() -> bool:
+    """Whether Triton runs interpreted on CPU tensors (``TRITON_INTERPRET=1``, the CPU test tier)."""
+    import os  # noqa: PLC0415
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_problem(features: Mapping[str, Any]) -> str | None:
+    """None when a Triton kernel can serve a call with ``features`` (device, index), else why not:
+    CUDA tensors of compute capability >= 8.0, or CPU tensors under the interpreter."""
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError as error:
+        return f"triton is not installed ({error})"
+    if features["device"] == "cpu":
+        return None if interpreting() else "Triton runs CPU tensors only under TRITON_INTERPRET=1 (tests)"
+    if features["device"] != "cuda":
+        return f"Triton serves CUDA tensors; these are on {features['device']}"
+    import torch  # noqa: PLC0415
+
+    if not torch.cuda.is_available():
+        return "torch sees no usable CUDA device"
+    major, minor = torch.cuda.get_device_capability(features["index"] or 0)
+    if major < 8:
+        return f"diffrt's Triton kernels need compute capability >= 8.0; this GPU is {major}.{minor}"
+    return None
