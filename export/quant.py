@@ -34,8 +34,8 @@ from diffrt.kernels.int8_launch import int8_linear
 from diffrt.kernels.int8_spec import dynamic_row_scale, quantize_weight
 
 ACTIVE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("diffrt_int8", default=None)
-"""(group_ids int64 [B] on the device or None, mode "static" | "dynamic", {module: W8A8Weights}) of the
-optimized call in progress on this thread."""
+"""(group_ids int64 [B] on the device or None, mode, {module: W8A8Weights}) of the optimized call in
+progress on this thread; mode "static" / "dynamic" (kernels), "qdq" / "qdq-group" (ONNX export)."""
 
 DEFAULT_KEEP = ("*time_emb*", "*timestep_emb*", "*time_proj*", "*t_embedder*", "*class_emb*", "*y_embedder*",
                 "*label_emb*", "*add_embedding*", "*adaLN*", "*adaln*", "*norm*.linear", "*emb_proj*",
@@ -121,6 +121,8 @@ def is_patched(module: nn.Module) -> bool:
 
 def _rows_int8(weights: W8A8Weights, rows: torch.Tensor, batch: int, group_ids, mode: str) -> torch.Tensor:
     """rows [M, K] of ``batch`` samples -> [M, N] through the INT8 kernel (per-sample or per-token scales)."""
+    if mode.startswith("qdq"):
+        return _rows_qdq(weights, rows, batch, group_ids, mode)
     if mode == "dynamic":
         row_scale = dynamic_row_scale(rows, weights.inv_smooth)
     else:
@@ -130,6 +132,29 @@ def _rows_int8(weights: W8A8Weights, rows: torch.Tensor, batch: int, group_ids, 
         row_scale = weights.scales.index_select(0, group_ids).repeat_interleave(rows.shape[0] // batch)
     return int8_linear(rows, weights.w_q, weights.w_scale, row_scale, weights.bias, inv_smooth=weights.inv_smooth,
                        out_dtype=rows.dtype)
+
+
+def _rows_qdq(weights: W8A8Weights, rows: torch.Tensor, batch: int, group_ids, mode: str) -> torch.Tensor:
+    """The same layer as ONNX QuantizeLinear / DequantizeLinear pairs (for export; see diffrt.export.onnx_export).
+
+    mode "qdq": per-sample scales ``scales[group_ids]`` computed in the graph (QuantizeLinear along the
+    batch axis); "qdq-group": ``group_ids`` is one int, a build-time constant scale (what TensorRT
+    needs). Weights: per output channel. ONNX quantizes to [-128, 127], the kernels to [-127, 127]:
+    the two differ only for activations clipped below -127.5 scales.
+    """
+    x = rows.reshape(batch, -1, rows.shape[-1]).float()
+    if weights.inv_smooth is not None:
+        x = x * weights.inv_smooth
+    if mode == "qdq-group":
+        x = torch.fake_quantize_per_tensor_affine(x, float(weights.scales[group_ids]), 0, -128, 127)
+    else:
+        scale = weights.scales.index_select(0, group_ids)
+        x = torch.fake_quantize_per_channel_affine(x, scale, torch.zeros_like(group_ids, dtype=torch.int32), 0,
+                                                   -128, 127)
+    w = weights.w_q.float() * weights.w_scale[:, None]  # a constant of the graph: its int8 codes are exact
+    w = torch.fake_quantize_per_channel_affine(w, weights.w_scale, torch.zeros(w.shape[0], dtype=torch.int32,
+                                                                               device=w.device), 0, -128, 127)
+    return nn.functional.linear(x, w, weights.bias).reshape(rows.shape[0], -1).to(rows.dtype)
 
 
 def _active(module: nn.Module) -> tuple[W8A8Weights, torch.Tensor | None, str] | None:

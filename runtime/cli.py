@@ -2,6 +2,8 @@
 
 ``diffrt sample``: sample with a diffrt solver and with the matching diffusers scheduler loop
 on the same noise and model, and print per-step time and the parity between the two.
+``diffrt demo``: the shipped digits DiT, reference vs fast configuration (grids + table).
+``diffrt export onnx|tensorrt``: a model as ONNX (QDQ with ``--int8``) or TensorRT engines.
 """
 from __future__ import annotations
 
@@ -121,6 +123,69 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(spec: str, scheduler_config: str | None):
+    """A reference model name, or a diffusers model folder (config.json naming its class)."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from . import models  # noqa: PLC0415
+    from .denoiser import Denoiser  # noqa: PLC0415
+
+    if spec in models.available():
+        return models.load(spec)
+    folder = Path(spec)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--model {spec!r} is neither a reference model ({', '.join(models.available())}) nor a "
+                         "diffusers model folder with a config.json")
+    import diffusers  # noqa: PLC0415
+
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    model = getattr(diffusers, class_name).from_pretrained(folder).eval()
+    candidates = [Path(scheduler_config)] if scheduler_config else [folder / "scheduler_config.json",
+                                                                    folder.parent / "scheduler" / "scheduler_config.json"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ValueError(f"no scheduler config for {folder} (looked at {', '.join(map(str, candidates))}): "
+                         "give --scheduler-config")
+    return Denoiser.from_diffusers(model, json.loads(found.read_text()))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a model to ONNX, or build its TensorRT engines; print what was written."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from diffrt.export import Calibration, export_groups, export_onnx  # noqa: PLC0415
+
+    den = _load_model(args.model, args.scheduler_config)
+    calibration = Calibration.load(args.int8) if args.int8 else None
+    resolution = tuple(int(v) for v in args.resolution.lower().split("x")) if args.resolution else None
+    start = time.perf_counter()
+    if args.target == "onnx":
+        out = Path(args.out or f"{Path(args.model).name}.onnx")
+        if calibration is not None and args.per_group:
+            results = export_groups(den, out.with_suffix(""), calibration, batch=args.batch, resolution=resolution)
+        else:
+            results = [export_onnx(den, out, batch=args.batch, resolution=resolution, calibration=calibration,
+                                   simplify=args.simplify)]
+        for result in results:
+            size = result.path.stat().st_size + (result.data_path.stat().st_size if result.data_path else 0)
+            print(f"wrote {result.path} ({size / 1e6:.1f} MB{', data ' + result.data_path.name if result.data_path else ''})"
+                  f": inputs {result.manifest['inputs']}, int8 {result.manifest['int8_scales'] or 'no'}, "
+                  f"opset {result.manifest['opset']}, {result.seconds:.1f} s")
+        return 0
+    from diffrt.export.artifacts import ArtifactCache  # noqa: PLC0415
+    from diffrt.export.tensorrt_backend import trt_denoiser  # noqa: PLC0415
+
+    precision = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.precision]
+    batch_range = (args.batch, args.batch, args.batch) if args.batch else (1, 2, 8)
+    resolution_range = (resolution,) * 3 if resolution else None
+    trt = trt_denoiser(den, calibration, precision=precision, cache=ArtifactCache(args.out),
+                       batch_range=batch_range, resolution_range=resolution_range)
+    print(f"TensorRT: {len(trt.engines)} engine(s) ({args.precision}{', int8 QDQ' if calibration else ''}) in "
+          f"{args.out or 'the default cache'}, batch {batch_range}, {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .solvers import PRESETS
 
@@ -148,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("export", help="export a model to ONNX or build TensorRT engines, INT8 from a calibration")
+    p.add_argument("target", choices=["onnx", "tensorrt"])
+    p.add_argument("--model", required=True, help="a reference model name or a diffusers model folder")
+    p.add_argument("--scheduler-config", default=None, help="scheduler_config.json of a diffusers model folder")
+    p.add_argument("--int8", default=None, help="a calibration saved by Calibration.save (path without suffix)")
+    p.add_argument("--batch", type=int, default=None, help="a static batch size (default: dynamic)")
+    p.add_argument("--resolution", default=None, help="a static HxW, e.g. 64x64 (default: the model's own)")
+    p.add_argument("--out", default=None, help="ONNX: the .onnx path; TensorRT: the engine cache folder")
+    p.add_argument("--per-group", action="store_true", help="ONNX with --int8: one graph per timestep group "
+                                                            "(constant scales, as TensorRT needs)")
+    p.add_argument("--simplify", action="store_true", help="apply ONNX Runtime's basic graph optimizations")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="TensorRT precision")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -156,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, NotImplementedError, TypeError) as exc:
+    except (ValueError, NotImplementedError, TypeError, ImportError, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 2
 

@@ -23,6 +23,11 @@ What it does now (later options arrive with their issues and raise NotImplemente
   for "dynamic"; a calibration names its own.
 * ``dtype``: the compute dtype; a model in another dtype is copied and converted (the original
   keeps its own), one already in it is shared.
+* ``backend``: "native" (PyTorch with diffrt's kernels: an :class:`OptimizedDenoiser`),
+  "onnxruntime" or "tensorrt": the optimized denoiser exported to ONNX (with its calibration as
+  QDQ nodes) and run by that engine (:mod:`diffrt.export.backends`; ``backend_options`` go there:
+  the cache folder, TensorRT's batch and resolution ranges, ...). The result has the Denoiser's
+  call signature, so the Sampler runs it unchanged.
 
 The processors are installed into the model in place but dispatch on the caller: the returned
 :class:`OptimizedDenoiser` turns them on for its own calls only, so ``den`` keeps producing its
@@ -44,6 +49,7 @@ from .denoiser import Denoiser
 log = logging.getLogger(__name__)
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("native", "onnxruntime", "tensorrt")
 
 
 class OptimizedDenoiser(Denoiser):
@@ -111,14 +117,16 @@ def _todo_config(todo: Any) -> attn.ToDo | None:
 
 def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | None = "auto", todo: Any = None,
              sparse: attn.Sparse | None = None, int8: Any = None, cuda_graphs: bool = False,
-             backend: str = "native", int8_policy: Any = None) -> OptimizedDenoiser:
+             backend: str = "native", int8_policy: Any = None,
+             backend_options: dict[str, Any] | None = None) -> Denoiser:
     """An :class:`OptimizedDenoiser` of ``den`` (module docstring for the options)."""
     if not isinstance(den, Denoiser):
         raise TypeError(f"optimize takes a Denoiser (Denoiser.from_diffusers(...), models.load(...)), got "
                         f"{type(den).__name__}")
-    for name, value, default in (("cuda_graphs", cuda_graphs, False), ("backend", backend, "native")):
-        if value != default:
-            raise NotImplementedError(f"optimize({name}={value!r}) is not implemented yet; leave it at {default!r}")
+    if cuda_graphs:
+        raise NotImplementedError("optimize(cuda_graphs=True) is not implemented yet; leave it at False")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if attention is not None and attention not in ATTENTION_BACKENDS:
         raise ValueError(f"attention must be None or one of {', '.join(ATTENTION_BACKENDS)}; got {attention!r}")
     if sparse is not None and not isinstance(sparse, attn.Sparse):
@@ -129,6 +137,7 @@ def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | N
 
     calibration, int8_mode = _int8_request(den, int8)
     model = den.model
+    precision, dtype = (dtype, None) if backend != "native" else (None, dtype)  # engines pick precision at build
     if dtype is not None and dtype != den.dtype:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"dtype={dtype} needs an nn.Module to convert; the model is {type(model).__name__}")
@@ -147,7 +156,14 @@ def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | N
             log.info("optimize: diffrt attention in %d layers (%s), todo=%s, sparse=%s", len(layers), attention,
                      todo_config, sparse)
     int8_weights = _install_int8(model, calibration, int8_mode, int8_policy)
-    return OptimizedDenoiser(den, model, settings, layers, dtype or den.dtype, calibration, int8_mode, int8_weights)
+    fast = OptimizedDenoiser(den, model, settings, layers, dtype or den.dtype, calibration, int8_mode, int8_weights)
+    if backend == "native":
+        return fast
+    if int8_mode == "dynamic":
+        raise NotImplementedError(f"backend={backend!r} runs INT8 from a calibration (constant scales), not 'dynamic'")
+    from diffrt.export import backends  # noqa: PLC0415 - onnx / onnxruntime / tensorrt load on first use
+
+    return backends.build(backend, fast, calibration, precision=precision, **(backend_options or {}))
 
 
 def _int8_request(den: Denoiser, int8: Any) -> tuple[Any, str | None]:
