@@ -12,6 +12,9 @@
 # Environment (all optional):
 #   PYTHON             interpreter (default python3: the device's torch venv)
 #   GPU_SH_BUDGET      seconds for the whole script (default 560: the device allows 600 per call)
+#   GPU_SH_STAGES      comma-separated stages to run after the build (default: all): tests-gpu,
+#                      bench-sampler, bench-attention, bench-int8, demo, tests-cpu-tier (split a long run
+#                      over two device calls)
 #   DIFFRT_CUDA_ARCHS  CUDA architectures to build (default 90a: H100 / H200)
 #   DIFFRT_GIT_SHA     the git SHA to stamp results with (the device copy has no .git)
 #   DIFFRT_GIT_DIRTY   1 / 0, likewise
@@ -41,6 +44,10 @@ elapsed() { echo $(( $(date +%s) - START )); }
 # appended to LOGFILE ("-" = stdout); record its status; never stop the script.
 stage() {
   local name=$1 limit=$2 logfile=$3; shift 3
+  if [[ -n ${GPU_SH_STAGES:-} && ",$GPU_SH_STAGES," != *",$name,"* && $name != wheels && $name != build* && \
+        $name != import ]]; then
+    echo "=== $name: not in GPU_SH_STAGES"; return 0
+  fi
   local left=$(( BUDGET - $(elapsed) ))
   (( limit > left )) && limit=$left
   if (( limit < 15 )); then
