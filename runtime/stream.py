@@ -1,0 +1,348 @@
+"""StreamPipeline: StreamDiffusion's Stream Batch, residual CFG and similarity filter on any VP Denoiser.
+
+n frames at n denoising stages run as one batched model call per tick. The stages are LCM
+timesteps t_0 > t_1 > ... > t_{n-1} (``t_index_list`` into LCM's ``num_inference_steps``
+schedule, as StreamDiffusion picks them). Per stage i, with a_i = sqrt(abar_{t_i}),
+b_i = sqrt(1 - abar_{t_i}) and LCM's boundary scalings (c_skip_i, c_out_i):
+
+    F_i        = xc_i * x + mc_i * m                 (the data prediction from the model output m)
+    denoised_i = c_out_i * F_i + c_skip_i * x
+    x_{i+1}    = a_{i+1} * denoised_i + b_{i+1} * init_noise[i+1]     (the next stage, next tick)
+
+A frame enters at stage 0: img2img ``x = a_0 * encode(frame) + b_0 * init_noise[0]``; generation
+from conditions: ``x`` = fresh seeded noise. ``init_noise`` [n] is drawn once (seeded) and reused
+for every frame, so a stream equals offline sampling of each frame with the same noise. A frame's
+condition travels with it through the stages. The frame entered at tick k comes out (decoded) at
+tick k + n - 1; the first n - 1 ticks return nothing (flagged ``ready=False``, never a garbage frame).
+
+Classifier-free guidance (``cfg_type``; epsilon-prediction models for the residual modes):
+
+* "full": the unconditional branch for every row (2n rows per call);
+* "self" (RCFG): no unconditional call; ``eps_u = delta * stock_noise``, a virtual residual noise
+  carried from row to row: after each tick ``stock_noise = roll(init_noise, -1) + delta_x`` with
+  ``delta_x = (a_next / b_next) * step(m, b * stock_noise)`` (StreamDiffusion's update);
+* "initialize": like "self", but the stage-0 row's unconditional prediction is computed (n + 1 rows)
+  and seeds ``stock_noise[0]``.
+
+The stochastic similarity filter (``similarity_threshold``): an input frame whose cosine
+similarity c to the previous input gives skip probability max(0, 1 - (1 - c) / (1 - threshold));
+a skipped frame returns the previous output without a model call, at most ``max_skip_frames`` in a
+row. Queues: :meth:`start` runs ticks on a worker thread fed by :meth:`submit` (a bounded queue:
+it blocks, or raises queue.Full after ``timeout``); :meth:`get` returns results in order;
+:meth:`close` drains the frames in flight (n - 1 bubble ticks) so none is lost.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .denoiser import Denoiser
+from .solvers.lcm import boundary_scalings, lcm_timesteps, lcm_x0
+
+log = logging.getLogger(__name__)
+
+CFG_TYPES = ("none", "full", "self", "initialize")
+_CLOSE = object()
+_EMPTY = object()  # the condition of an empty stage
+
+
+@dataclass
+class StreamResult:
+    """One tick's output: the frame id that completed and its image, or ``ready=False`` while filling."""
+
+    frame_id: int | None
+    image: torch.Tensor | None
+    ready: bool
+    skipped: bool = False  # the similarity filter skipped this frame: ``image`` is the previous output
+
+
+@dataclass
+class StreamStats:
+    ticks: int = 0
+    frames: int = 0
+    skipped: int = 0
+    longest_skip_run: int = 0
+    model_calls: int = 0
+    rows: list[int] = field(default_factory=list)  # model batch rows per call
+
+
+class StreamPipeline:
+    """Stream Batch over ``den`` (module docstring). ``cond`` is the default condition of each frame
+    (a frame's own ``cond`` in :meth:`tick` / :meth:`submit` overrides it); ``uncond`` the
+    unconditional one for CFG; ``encode`` / ``decode`` map frames to latents and back (identity by
+    default: a pixel-space model)."""
+
+    def __init__(self, den: Denoiser, t_index_list: tuple[int, ...] = (32, 45), num_inference_steps: int = 50,
+                 cond: Any = None, uncond: Any = None, guidance_scale: float = 1.0, cfg_type: str = "none",
+                 delta: float = 1.0, img2img: bool = True, encode: Callable | None = None,
+                 decode: Callable | None = None, similarity_threshold: float | None = None, max_skip_frames: int = 10,
+                 queue_size: int = 8, seed: int = 0, original_inference_steps: int = 50,
+                 timestep_scaling: float = 10.0, latent_shape: tuple[int, ...] | None = None,
+                 device: torch.device | str | None = None):
+        if cfg_type not in CFG_TYPES:
+            raise ValueError(f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {cfg_type!r}")
+        if cfg_type != "none" and uncond is None and cfg_type != "self":
+            raise ValueError(f"cfg_type={cfg_type!r} needs uncond (the unconditional condition)")
+        if cfg_type in ("self", "initialize") and den.prediction_type != "epsilon":
+            raise NotImplementedError(f"residual CFG ({cfg_type}) works on noise predictions; this model predicts "
+                                      f"{den.prediction_type}: use cfg_type='full' or 'none'")
+        if den.schedule.kind != "vp":
+            raise ValueError("StreamPipeline needs a discrete (VP) noise schedule")
+        all_steps = lcm_timesteps(den.schedule.num_train_timesteps, original_inference_steps, num_inference_steps)
+        if not t_index_list or any(not 0 <= i < len(all_steps) for i in t_index_list) or \
+                list(t_index_list) != sorted(set(t_index_list)):
+            raise ValueError(f"t_index_list must be increasing indices into {len(all_steps)} LCM steps, got "
+                             f"{t_index_list}")
+        self.den, self.cond, self.uncond = den, cond, uncond
+        self.guidance_scale, self.cfg_type, self.delta = float(guidance_scale), cfg_type, float(delta)
+        self.img2img, self.encode, self.decode = img2img, encode or (lambda f: f), decode or (lambda z: z)
+        self.device = torch.device(device or den.device or "cpu")
+        self.timesteps = torch.tensor([float(all_steps[i]) for i in t_index_list], device=self.device)
+        self.stages = len(t_index_list)
+        abar = den.schedule.alphas_cumprod
+        rows = [(abar[int(t)].sqrt(), (1 - abar[int(t)]).sqrt(), *boundary_scalings(int(t), timestep_scaling),
+                 *lcm_x0(den.prediction_type, abar[int(t)])) for t in self.timesteps.tolist()]
+
+        def column(i: int) -> torch.Tensor:
+            return torch.tensor([float(r[i]) for r in rows], dtype=torch.float32, device=self.device)
+
+        self.a, self.b, self.c_skip, self.c_out, self.x_coef, self.m_coef = (column(i) for i in range(6))
+        self.latent_shape = tuple(latent_shape or den.sample_shape)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.init_noise = torch.randn(self.stages, *self.latent_shape, generator=self.generator).to(self.device)
+        self.similarity_threshold, self.max_skip_frames = similarity_threshold, max_skip_frames
+        self.skip_generator = torch.Generator().manual_seed(seed + 1)
+        self.stats = StreamStats()
+        self.reset()
+        self._inputs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._outputs: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # ------------------------------------------------------------------------------- the tick
+    def reset(self) -> None:
+        """Empty the stages (the next n - 1 ticks fill them again)."""
+        self.buffer = torch.zeros(self.stages - 1, *self.latent_shape, device=self.device)
+        self.buffer_ids: list[int | None] = [None] * (self.stages - 1)
+        self.buffer_conds: list[Any] = [_EMPTY] * (self.stages - 1)
+        self.stock_noise = self.init_noise.clone()
+        self.previous_frame, self.previous_output, self.skip_run = None, None, 0
+        self.next_id = 0
+
+    def _bcast(self, v: torch.Tensor, rows: int) -> torch.Tensor:
+        return v[:rows].reshape(rows, *([1] * len(self.latent_shape)))
+
+    def _entry_latent(self, frame: torch.Tensor | None) -> torch.Tensor:
+        if frame is None or not self.img2img:
+            return torch.randn(1, *self.latent_shape, generator=self.generator).to(self.device)
+        latent = self.encode(frame.to(self.device).reshape(1, *frame.shape[-3:]))
+        return self.a[0] * latent + self.b[0] * self.init_noise[0:1]
+
+    def _conds(self, conds: list[Any]) -> Any:
+        """The model's cond for the rows (each frame's, resolved when it entered). Empty stages (warm-up,
+        drain bubbles) borrow a real row's; None when no frame has one."""
+        real = [c for c in conds if c is not _EMPTY]
+        if not real or all(c is None for c in real):
+            return None
+        if any(c is None for c in real):
+            raise ValueError("some frames have a condition and others none: give the pipeline a default cond")
+        return torch.cat([real[0] if c is _EMPTY else c for c in conds])
+
+    def _model(self, x: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(guided model output [n], the computed unconditional output of row 0 or None)."""
+        n, t = x.shape[0], self.timesteps[: x.shape[0]]
+        uncond = None
+        if self.cfg_type == "full" and self.guidance_scale != 1.0:
+            u = _repeat(self.uncond, n, self.device)
+            out_u, out_c = self.den(torch.cat([x, x]), torch.cat([t, t]), _cat(u, cond)).chunk(2)
+            self._count(2 * n)
+            return out_u + self.guidance_scale * (out_c - out_u), None
+        if self.cfg_type == "initialize" and self.guidance_scale != 1.0:
+            u = _repeat(self.uncond, 1, self.device)
+            out = self.den(torch.cat([x[:1], x]), torch.cat([t[:1], t]), _cat(u, cond))
+            self._count(n + 1)
+            uncond, out_c = out[:1], out[1:]
+        else:
+            out_c = self.den(x, t, cond)
+            self._count(n)
+        if self.cfg_type in ("self", "initialize") and self.guidance_scale != 1.0:
+            if uncond is not None:
+                self.stock_noise = torch.cat([uncond.float(), self.stock_noise[1:]])
+            out_u = self.delta * self.stock_noise[:n]
+            return out_u + self.guidance_scale * (out_c - out_u), uncond
+        return out_c, None
+
+    def _count(self, rows: int) -> None:
+        self.stats.model_calls += 1
+        self.stats.rows.append(rows)
+
+    def _denoise(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        data = self._bcast(self.x_coef, n) * x + self._bcast(self.m_coef, n) * m
+        return self._bcast(self.c_out, n) * data + self._bcast(self.c_skip, n) * x
+
+    def tick(self, frame: torch.Tensor | None = None, cond: Any = None, bubble: bool = False) -> StreamResult:
+        """Push one frame (or, with ``bubble``, nothing: drain) through one batched model call."""
+        self.stats.ticks += 1
+        if not bubble:
+            self.stats.frames += 1
+            frame_id, self.next_id = self.next_id, self.next_id + 1
+            if self._skip(frame):
+                return StreamResult(frame_id, self.previous_output, True, skipped=True)
+        else:
+            frame_id = None
+        with torch.no_grad():
+            x = torch.cat([self._entry_latent(None if bubble else frame), self.buffer]).float()
+            entry_cond = _EMPTY if bubble else _as_row(self.cond if cond is None else cond, self.device)
+            ids, conds = [frame_id, *self.buffer_ids], [entry_cond, *self.buffer_conds]
+            if self.stages > 1:
+                self.stock_noise = torch.cat([self.init_noise[:1], self.stock_noise[:-1]])
+            m, _ = self._model(x, self._conds(conds))
+            m = m.float()
+            denoised = self._denoise(m, x)
+            if self.cfg_type in ("self", "initialize") and self.guidance_scale != 1.0:
+                self._update_stock_noise(m)
+            self.buffer = self._bcast(self.a[1:], self.stages - 1) * denoised[:-1] + \
+                self._bcast(self.b[1:], self.stages - 1) * self.init_noise[1:]
+            self.buffer_ids, self.buffer_conds = ids[:-1], conds[:-1]
+            done_id = ids[-1]
+            if done_id is None:
+                return StreamResult(None, None, False)
+            image = self.decode(denoised[-1:])
+        self.previous_output = image
+        return StreamResult(done_id, image, True)
+
+    def _update_stock_noise(self, m: torch.Tensor) -> None:
+        n = m.shape[0]
+        scaled = self._bcast(self.b, n) * self.stock_noise
+        delta_x = self._denoise(m, scaled)
+        ones = torch.ones(1, device=self.device)
+        a_next, b_next = torch.cat([self.a[1:], ones]), torch.cat([self.b[1:], ones])
+        delta_x = delta_x * self._bcast(a_next, n) / self._bcast(b_next, n)
+        self.stock_noise = torch.cat([self.init_noise[1:], self.init_noise[:1]]) + delta_x
+
+    def _skip(self, frame: torch.Tensor | None) -> bool:
+        if self.similarity_threshold is None or frame is None or self.previous_output is None:
+            self.previous_frame = frame
+            return False
+        previous, self.previous_frame = self.previous_frame, frame
+        if previous is None or self.skip_run >= self.max_skip_frames:
+            self.skip_run = 0
+            return False
+        cosine = torch.nn.functional.cosine_similarity(frame.flatten().float(), previous.flatten().float(), dim=0)
+        probability = max(0.0, 1.0 - (1.0 - float(cosine)) / (1.0 - self.similarity_threshold))
+        if float(torch.rand((), generator=self.skip_generator)) < probability:
+            self.skip_run += 1
+            self.stats.skipped += 1
+            self.stats.longest_skip_run = max(self.stats.longest_skip_run, self.skip_run)
+            self.previous_frame = previous  # compare the next frame with the last one processed
+            return True
+        self.skip_run = 0
+        return False
+
+    # ------------------------------------------------------------------------------- the queues
+    def start(self) -> StreamPipeline:
+        """Run ticks on a worker thread: :meth:`submit` frames, :meth:`get` results, :meth:`close` at the end."""
+        if self._worker is not None:
+            raise RuntimeError("the stream is already running")
+        self._worker = threading.Thread(target=self._run, name="diffrt-stream", daemon=True)
+        self._worker.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self._inputs.get()
+                if item is _CLOSE:
+                    for _ in range(self.stages - 1):
+                        result = self.tick(bubble=True)
+                        if result.ready:
+                            self._outputs.put(result)
+                    break
+                result = self.tick(*item)
+                if result.ready:
+                    self._outputs.put(result)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, never lost in the thread
+            self._error = error
+            log.exception("stream worker failed")
+        finally:
+            self._outputs.put(_CLOSE)
+
+    def submit(self, frame: torch.Tensor | None, cond: Any = None, timeout: float | None = None) -> None:
+        """Queue a frame; blocks while the input queue is full (``timeout``: raise queue.Full after it)."""
+        if self._worker is None:
+            raise RuntimeError("start() the stream before submit()")
+        if self._error is not None:
+            raise RuntimeError("the stream worker failed") from self._error
+        self._inputs.put((frame, cond), timeout=timeout)
+
+    def get(self, timeout: float | None = None) -> StreamResult | None:
+        """The next result in frame order, or None once the stream is closed and drained."""
+        item = self._outputs.get(timeout=timeout)
+        if item is _CLOSE:
+            self._outputs.put(_CLOSE)  # later get()s see the end too
+            if self._error is not None:
+                raise RuntimeError("the stream worker failed") from self._error
+            return None
+        return item
+
+    def close(self, timeout: float | None = None) -> list[StreamResult]:
+        """Stop taking frames, finish the ones in flight; returns the results not yet taken with get()."""
+        if self._worker is None:
+            return []
+        self._inputs.put(_CLOSE)
+        rest = []
+        while (result := self.get(timeout=timeout)) is not None:
+            rest.append(result)
+        self._worker.join(timeout)
+        self._worker = None
+        return rest
+
+
+def _repeat(value: Any, n: int, device) -> Any:
+    if value is None:
+        return None
+    tensor = torch.as_tensor(value, device=device)
+    if tensor.dim() == 0:
+        return tensor.reshape(1).expand(n)
+    return tensor.expand(n, *tensor.shape[1:]) if tensor.shape[0] == 1 else tensor[:n]
+
+
+def _cat(a: Any, b: Any) -> Any:
+    if a is None or b is None:
+        return None
+    return torch.cat([a, b])
+
+
+def _as_row(cond: Any, device) -> torch.Tensor | None:
+    """A frame's condition with a leading batch dim of 1: a label -> [1], embeddings [L, D] -> [1, L, D]."""
+    if cond is None:
+        return None
+    tensor = torch.as_tensor(cond, device=device)
+    if tensor.dim() == 0:
+        return tensor.reshape(1)
+    return tensor if tensor.shape[0] == 1 else tensor.unsqueeze(0)
+
+
+def offline_frame(pipe: StreamPipeline, frame: torch.Tensor | None, cond: Any = None,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One frame sampled stage by stage on its own with the pipeline's ``init_noise`` (no guidance):
+    what the stream must return for it (the tests' reference). ``noise``: the entry latent of a
+    generated (not img2img) frame."""
+    with torch.no_grad():
+        if frame is None:
+            x = noise
+        else:
+            x = pipe.a[0] * pipe.encode(frame.reshape(1, *frame.shape[-3:])) + pipe.b[0] * pipe.init_noise[:1]
+        row = _as_row(pipe.cond if cond is None else cond, pipe.device)
+        for i in range(pipe.stages):
+            m = pipe.den(x, pipe.timesteps[i:i + 1], row).float()
+            denoised = pipe.c_out[i] * (pipe.x_coef[i] * x + pipe.m_coef[i] * m) + pipe.c_skip[i] * x
+            if i + 1 < pipe.stages:
+                x = pipe.a[i + 1] * denoised + pipe.b[i + 1] * pipe.init_noise[i + 1:i + 2]
+        return pipe.decode(denoised)

@@ -1,0 +1,173 @@
+"""StreamPipeline (Stream Batch): order and latency in ticks, equality with offline sampling, queues
+(back-pressure, draining), the similarity filter, and residual CFG against a step-by-step reference."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+from diffrt.runtime import Denoiser, NoiseSchedule, models
+from diffrt.runtime.stream import StreamPipeline, offline_frame
+
+STAGES = (20, 35, 45)
+
+
+@pytest.fixture(scope="module")
+def dit():
+    return models.load("digits-dit")
+
+
+def _frames(n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(1, 16, 16, generator=gen) * 2 - 1 for _ in range(n)]
+
+
+def test_frames_come_out_in_order_after_n_minus_1_ticks_equal_to_offline(dit):
+    pipe = StreamPipeline(dit, t_index_list=STAGES, cond=torch.tensor(models.NULL_CLASS))
+    frames, labels = _frames(6), [torch.tensor(i) for i in range(6)]
+    results = [pipe.tick(f, y) for f, y in zip(frames, labels)] + [pipe.tick(bubble=True) for _ in range(2)]
+    assert [r.ready for r in results] == [False, False] + [True] * 6  # the first n - 1 ticks are flagged
+    assert all(r.image is None for r in results[:2])
+    assert [r.frame_id for r in results[2:]] == list(range(6))  # frame k leaves at tick k + n - 1
+    for r in results[2:]:
+        expected = offline_frame(pipe, frames[r.frame_id], labels[r.frame_id])
+        torch.testing.assert_close(r.image, expected, rtol=1e-5, atol=1e-5)
+    assert pipe.stats.model_calls == 8 and set(pipe.stats.rows) == {3}  # one batched call of n rows per tick
+
+
+def test_generation_from_conditions_is_seeded(dit):
+    outputs = []
+    for _ in range(2):
+        pipe = StreamPipeline(dit, t_index_list=STAGES, img2img=False, seed=7)
+        outputs.append([pipe.tick(None, torch.tensor(i)).image for i in range(4)][-1])
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_queues_decouple_threads_and_close_drains(dit):
+    pipe = StreamPipeline(dit, t_index_list=STAGES, cond=torch.tensor(2), queue_size=2).start()
+    frames = _frames(7, seed=1)
+    producer = threading.Thread(target=lambda: [pipe.submit(f) for f in frames])
+    producer.start()
+    received = [pipe.get(timeout=30) for _ in range(5)]  # 7 in, 5 out before close: 2 still in flight
+    producer.join()
+    received += pipe.close(timeout=30)
+    assert [r.frame_id for r in received] == list(range(7))
+    assert pipe.get(timeout=1) is None  # closed and drained
+    for r in received:
+        torch.testing.assert_close(r.image, offline_frame(pipe, frames[r.frame_id]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_full_input_queue_pushes_back(dit):
+    slow = Denoiser(lambda x, t, c=None: (time.sleep(0.2), torch.zeros_like(x))[1], dit.schedule, sample_shape=(1, 16, 16))
+    pipe = StreamPipeline(slow, t_index_list=STAGES, queue_size=1).start()
+    frame = _frames(1)[0]
+    with pytest.raises(queue.Full):
+        for _ in range(4):
+            pipe.submit(frame, timeout=0.01)
+    pipe.close(timeout=30)
+
+
+def test_worker_errors_reach_the_consumer(dit):
+    def broken(x, t, c=None):
+        raise ValueError("model exploded")
+
+    pipe = StreamPipeline(Denoiser(broken, dit.schedule, sample_shape=(1, 16, 16)), t_index_list=STAGES).start()
+    pipe.submit(_frames(1)[0])
+    with pytest.raises(RuntimeError, match="worker failed"):
+        pipe.get(timeout=10)
+
+
+def test_similarity_filter_skips_repeats_in_bounded_runs(dit):
+    pipe = StreamPipeline(dit, t_index_list=(45,), similarity_threshold=0.98, max_skip_frames=3)
+    frame = _frames(1)[0]
+    results = [pipe.tick(frame) for _ in range(13)]
+    assert [r.skipped for r in results] == [False] + ([True] * 3 + [False]) * 3
+    assert pipe.stats.skipped == 9 and pipe.stats.longest_skip_run == 3 and pipe.stats.model_calls == 4
+    assert all(torch.equal(r.image, results[0].image) for r in results[:4])
+    different = StreamPipeline(dit, t_index_list=(45,), similarity_threshold=0.98)
+    assert not any(different.tick(f).skipped for f in _frames(8, seed=3))
+
+
+class ToyEpsilon:
+    """An analytic noise predictor: eps = 0.3 x + 0.1 t/1000 + cond (cond a scalar per row)."""
+
+    def __call__(self, x, t, cond):
+        return 0.3 * x + 0.1 * (t / 1000).reshape(-1, 1, 1, 1) + cond.float().reshape(-1, 1, 1, 1)
+
+
+def _toy(**options):
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                                          "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"})
+    den = Denoiser(ToyEpsilon(), schedule, sample_shape=(1, 4, 4))
+    return StreamPipeline(den, t_index_list=(10, 30, 45), cond=torch.tensor(0.5), uncond=torch.tensor(-0.2),
+                          guidance_scale=2.0, delta=0.8, **options)
+
+
+def _reference_rcfg(pipe, frames, mode):
+    """StreamDiffusion's residual CFG written out row by row and tick by tick."""
+    n, g, delta = pipe.stages, pipe.guidance_scale, pipe.delta
+    a, b, c_skip, c_out = pipe.a, pipe.b, pipe.c_skip, pipe.c_out
+    noise, stock, latents, out = pipe.init_noise, pipe.init_noise.clone(), [None] * (n - 1), []
+
+    def step(m, x, i):  # LCM step of row i for an epsilon model
+        return c_out[i] * (x - b[i] * m) / a[i] + c_skip[i] * x
+
+    for frame in frames:
+        rows = [a[0] * frame.reshape(1, 1, 4, 4) + b[0] * noise[:1]] + latents
+        stock = torch.cat([noise[:1], stock[:-1]])
+        if mode == "initialize":
+            stock = torch.cat([ToyEpsilon()(rows[0], pipe.timesteps[:1], torch.tensor([-0.2])), stock[1:]])
+        new_stock, denoised = [], []
+        for i in range(n):
+            if rows[i] is None:
+                rows[i] = torch.zeros(1, 1, 4, 4)
+            cond = ToyEpsilon()(rows[i], pipe.timesteps[i:i + 1], torch.tensor([0.5]))
+            uncond = delta * stock[i:i + 1]
+            m = uncond + g * (cond - uncond)
+            denoised.append(step(m, rows[i], i))
+            a_next, b_next = (a[i + 1], b[i + 1]) if i + 1 < n else (1.0, 1.0)
+            new_stock.append(noise[(i + 1) % n:(i + 1) % n + 1] + a_next / b_next * step(m, b[i] * stock[i:i + 1], i))
+        stock = torch.cat(new_stock)
+        latents = [a[i + 1] * denoised[i] + b[i + 1] * noise[i + 1:i + 2] for i in range(n - 1)]
+        out.append(denoised[-1])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["self", "initialize"])
+def test_residual_cfg_matches_the_step_by_step_reference(mode):
+    pipe = _toy(cfg_type=mode)
+    frames = _frames(5, seed=4)
+    frames = [f[:, :4, :4] for f in frames]
+    got = [pipe.tick(f) for f in frames]
+    expected = _reference_rcfg(_toy(cfg_type=mode), frames, mode)
+    for result, reference in zip(got[2:], expected[2:]):
+        torch.testing.assert_close(result.image, reference, rtol=1e-5, atol=1e-5)
+    rows = {"self": 3, "initialize": 4}[mode]
+    assert set(pipe.stats.rows) == {rows}  # "self": no unconditional call at all; "initialize": one more row
+
+
+def test_full_cfg_is_explicit_guidance():
+    pipe = _toy(cfg_type="full")
+    frame = _frames(1, seed=5)[0][:, :4, :4]
+    result = [pipe.tick(frame) for _ in range(3)][-1]
+    assert set(pipe.stats.rows) == {6}
+    plain = _toy(cfg_type="none")
+    plain.den = Denoiser(lambda x, t, c: ToyEpsilon()(x, t, torch.full_like(c, -0.2)) + 2.0 * (
+        ToyEpsilon()(x, t, c) - ToyEpsilon()(x, t, torch.full_like(c, -0.2))), plain.den.schedule, sample_shape=(1, 4, 4))
+    expected = [plain.tick(frame) for _ in range(3)][-1]
+    torch.testing.assert_close(result.image, expected.image, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_configurations_are_refused(dit):
+    with pytest.raises(ValueError, match="cfg_type must be one of"):
+        StreamPipeline(dit, cfg_type="double")
+    with pytest.raises(NotImplementedError, match="predicts v_prediction"):
+        StreamPipeline(dit, cfg_type="self", guidance_scale=2.0)
+    with pytest.raises(ValueError, match="increasing indices"):
+        StreamPipeline(dit, t_index_list=(45, 10))
+    with pytest.raises(ValueError, match="needs uncond"):
+        StreamPipeline(dit, cfg_type="full", guidance_scale=3.0)
+    with pytest.raises(RuntimeError, match="start"):
+        StreamPipeline(dit).submit(_frames(1)[0])
