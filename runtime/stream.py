@@ -10,7 +10,9 @@ b_i = sqrt(1 - abar_{t_i}) and LCM's boundary scalings (c_skip_i, c_out_i):
     x_{i+1}    = a_{i+1} * denoised_i + b_{i+1} * init_noise[i+1]     (the next stage, next tick)
 
 A frame enters at stage 0: img2img ``x = a_0 * encode(frame) + b_0 * init_noise[0]``; generation
-from conditions: ``x`` = fresh seeded noise. ``init_noise`` [n] is drawn once (seeded) and reused
+from conditions: ``x`` = fresh seeded noise. ``encode`` / ``decode`` are the VAE stage
+(:func:`vae_codec` for diffusers' AutoencoderTiny / AutoencoderKL); ``cuda_graphs=True`` replays
+the model call of a tick as a CUDA graph (:mod:`diffrt.runtime.graphs`). ``init_noise`` [n] is drawn once (seeded) and reused
 for every frame, so a stream equals offline sampling of each frame with the same noise. A frame's
 condition travels with it through the stages. The frame entered at tick k comes out (decoded) at
 tick k + n - 1; the first n - 1 ticks return nothing (flagged ``ready=False``, never a garbage frame).
@@ -83,7 +85,7 @@ class StreamPipeline:
                  decode: Callable | None = None, similarity_threshold: float | None = None, max_skip_frames: int = 10,
                  queue_size: int = 8, seed: int = 0, original_inference_steps: int = 50,
                  timestep_scaling: float = 10.0, latent_shape: tuple[int, ...] | None = None,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, cuda_graphs: bool = False):
         if cfg_type not in CFG_TYPES:
             raise ValueError(f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {cfg_type!r}")
         if cfg_type != "none" and uncond is None and cfg_type != "self":
@@ -98,6 +100,10 @@ class StreamPipeline:
                 list(t_index_list) != sorted(set(t_index_list)):
             raise ValueError(f"t_index_list must be increasing indices into {len(all_steps)} LCM steps, got "
                              f"{t_index_list}")
+        if cuda_graphs:
+            from .graphs import graph_denoiser  # noqa: PLC0415
+
+            den = graph_denoiser(den)  # one graph per row count; eager (logged) off CUDA
         self.den, self.cond, self.uncond = den, cond, uncond
         self.guidance_scale, self.cfg_type, self.delta = float(guidance_scale), cfg_type, float(delta)
         self.img2img, self.encode, self.decode = img2img, encode or (lambda f: f), decode or (lambda z: z)
@@ -302,6 +308,30 @@ class StreamPipeline:
         self._worker.join(timeout)
         self._worker = None
         return rest
+
+
+def vae_codec(vae) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """(encode, decode) of a diffusers ``AutoencoderTiny`` or ``AutoencoderKL`` for the stream: images in
+    [-1, 1] [B, 3, H, W] <-> latents, scaled by the VAE's ``scaling_factor`` (AutoencoderKL encodes to
+    its posterior's mode, deterministic). Pure tensor code: it runs inside a captured tick."""
+    name = type(vae).__name__
+    if name not in ("AutoencoderTiny", "AutoencoderKL"):
+        raise TypeError(f"vae_codec takes a diffusers AutoencoderTiny or AutoencoderKL, got {name}")
+    scale = float(getattr(vae.config, "scaling_factor", 1.0))
+    dtype = next(vae.parameters()).dtype
+    if name == "AutoencoderTiny":
+        def encode(image):
+            return vae.encode(image.to(dtype)).latents.float() * scale
+
+        def decode(latent):
+            return vae.decode((latent / scale).to(dtype)).sample.float()
+    else:
+        def encode(image):
+            return vae.encode(image.to(dtype)).latent_dist.mode().float() * scale
+
+        def decode(latent):
+            return vae.decode((latent / scale).to(dtype)).sample.float()
+    return encode, decode
 
 
 def _repeat(value: Any, n: int, device) -> Any:

@@ -171,3 +171,54 @@ def test_bad_configurations_are_refused(dit):
         StreamPipeline(dit, cfg_type="full", guidance_scale=3.0)
     with pytest.raises(RuntimeError, match="start"):
         StreamPipeline(dit).submit(_frames(1)[0])
+
+
+@pytest.mark.parametrize("kind", ["AutoencoderTiny", "AutoencoderKL"])
+def test_vae_stage_in_the_stream(kind):
+    import diffusers
+    from diffrt.runtime.stream import vae_codec
+
+    torch.manual_seed(0)
+    if kind == "AutoencoderTiny":
+        vae = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                                        num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), latent_channels=4)
+    else:
+        vae = diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                      up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4)
+    vae = vae.eval()
+    encode, decode = vae_codec(vae)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    latent = encode(image)
+    assert latent.shape[:2] == (1, 4) and decode(latent).shape == image.shape
+    pipe = _toy_latent(encode, decode, latent.shape[1:])
+    results = [pipe.tick(image) for _ in range(3)]
+    assert results[-1].ready and results[-1].image.shape == image.shape
+    torch.testing.assert_close(results[-1].image, offline_frame(pipe, image), rtol=1e-4, atol=1e-4)
+    with pytest.raises(TypeError, match="AutoencoderTiny or AutoencoderKL"):
+        vae_codec(torch.nn.Linear(2, 2))
+
+
+def _toy_latent(encode, decode, latent_shape):
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                                          "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"})
+    den = Denoiser(ToyEpsilon(), schedule, sample_shape=tuple(latent_shape))
+    return StreamPipeline(den, t_index_list=(30, 45), cond=torch.tensor(0.1), encode=encode, decode=decode,
+                          latent_shape=tuple(latent_shape))
+
+
+def test_graphs_run_eagerly_off_cuda_and_say_so(dit, caplog):
+    import logging
+
+    from diffrt.runtime.graphs import GraphRunner, graph_denoiser
+
+    runner = GraphRunner(lambda a, b: a * 2 + b)
+    with caplog.at_level(logging.INFO, logger="diffrt.runtime.graphs"):
+        assert torch.equal(runner(torch.ones(2), torch.ones(2)), torch.full((2,), 3.0))
+    assert "need CUDA tensors" in caplog.text and not runner.timings
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([5.0, 600.0]), torch.tensor([1, 2])
+    with torch.no_grad():
+        assert torch.equal(graph_denoiser(dit)(x, t, y), dit(x, t, y))
+    pipe = StreamPipeline(dit, t_index_list=STAGES, cond=torch.tensor(3), cuda_graphs=True)
+    frames = _frames(3, seed=9)
+    result = [pipe.tick(f) for f in frames][-1]
+    torch.testing.assert_close(result.image, offline_frame(pipe, frames[0]), rtol=1e-5, atol=1e-5)
