@@ -13,7 +13,7 @@
 #   PYTHON             interpreter (default python3: the device's torch venv)
 #   GPU_SH_BUDGET      seconds for the whole script (default 560: the device allows 600 per call)
 #   GPU_SH_STAGES      comma-separated stages to run after the build (default: all): tests-gpu,
-#                      bench-sampler, bench-attention, bench-int8, demo, tests-cpu-tier (split a long run
+#                      bench-sampler, bench-attention, bench-int8, bench-stream, demo, tests-cpu-tier (split a long run
 #                      over two device calls)
 #   DIFFRT_CUDA_ARCHS  CUDA architectures to build (default 90a: H100 / H200)
 #   DIFFRT_GIT_SHA     the git SHA to stamp results with (the device copy has no .git)
@@ -155,6 +155,7 @@ main() {
   stage bench-attention 240 - env TRITON_INTERPRET=0 $PY -m bench.bench_attention --out "$DIR" --device cuda \
     ${ATTENTION_ARGS:-}
   stage bench-int8 200 - env TRITON_INTERPRET=0 $PY -m bench.bench_int8 --out "$DIR" --device cuda ${INT8_ARGS:---e2e}
+  stage bench-stream 200 - env TRITON_INTERPRET=0 $PY -m bench.bench_stream --out "$DIR" --device cuda
   stage demo 90 - env TRITON_INTERPRET=0 $PY -m diffrt.runtime.cli demo --out /tmp/diffrt-demo --device cuda
   stage tests-cpu-tier 240 "$DIR/tests.log" env OMP_NUM_THREADS=2 \
     bash -c 'cd tests && exec "$@"' _ $PY -m pytest -q -rfE -p no:cacheprovider "${timeout_flag[@]}" "${xdist[@]}" -m "not gpu" .

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:
 
 pytest.importorskip("diffusers")
 
-from bench import bench_attention, bench_int8, bench_sampler, harness  # noqa: E402
+from bench import bench_attention, bench_int8, bench_sampler, bench_stream, harness  # noqa: E402
 
 STAMP_KEYS = ("device_type", "python", "torch", "triton", "git_sha", "git_dirty", "source_hash", "cpu_model",
               "cpu_count", "utc")
@@ -88,6 +88,18 @@ def test_bench_int8_quick_checks_then_times_every_variant(tmp_path):
         assert row["status"] == "ok", row
         assert row["ms"]["median"] > 0 and row["tops"] > 0 and row["speedup_vs_fp16"] > 0
         assert row["max_rel_error"] < (1e-5 if "int8" in row["variant"] or "int_mm" in row["variant"] else 1e-6)
+
+
+def test_bench_stream_quick_reports_fps_and_latency(tmp_path):
+    assert bench_stream.main(["--out", str(tmp_path), "--device", "cpu", "--quick", "--frames", "5",
+                              "--warmup", "1"]) == 0
+    rows = json.loads(next(tmp_path.glob("cpu-*-stream.json")).read_text())["rows"]
+    assert [(r["workload"], r["stages"]) for r in rows] == [("sd-turbo-img2img", 1), ("sd-turbo-img2img", 2),
+                                                            ("sd-turbo-img2img", 4), ("lipsync", 1)]
+    for row in rows:
+        assert row["fps"] > 0 and 0 < row["latency_ms_p50"] <= row["latency_ms_p99"]
+    stages = {r["stages"]: r for r in rows if r["workload"] == "sd-turbo-img2img"}
+    assert stages[4]["latency_ms_p50"] > stages[4]["tick_ms_p50"]  # a 4-stage stream holds a frame 4 ticks
 
 
 def test_bench_sampler_skips_unknown_solver_with_a_note(tmp_path):
