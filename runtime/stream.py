@@ -12,7 +12,8 @@ b_i = sqrt(1 - abar_{t_i}) and LCM's boundary scalings (c_skip_i, c_out_i):
 A frame enters at stage 0: img2img ``x = a_0 * encode(frame) + b_0 * init_noise[0]``; generation
 from conditions: ``x`` = fresh seeded noise. ``encode`` / ``decode`` are the VAE stage
 (:func:`vae_codec` for diffusers' AutoencoderTiny / AutoencoderKL); ``cuda_graphs=True`` replays
-the model call of a tick as a CUDA graph (:mod:`diffrt.runtime.graphs`). ``init_noise`` [n] is drawn once (seeded) and reused
+the whole tick (encode, model, solver arithmetic, decode) as one CUDA graph
+(:mod:`diffrt.runtime.graphs`); only the similarity filter and the bookkeeping stay on the host. ``init_noise`` [n] is drawn once (seeded) and reused
 for every frame, so a stream equals offline sampling of each frame with the same noise. A frame's
 condition travels with it through the stages. The frame entered at tick k comes out (decoded) at
 tick k + n - 1; the first n - 1 ticks return nothing (flagged ``ready=False``, never a garbage frame).
@@ -100,10 +101,6 @@ class StreamPipeline:
                 list(t_index_list) != sorted(set(t_index_list)):
             raise ValueError(f"t_index_list must be increasing indices into {len(all_steps)} LCM steps, got "
                              f"{t_index_list}")
-        if cuda_graphs:
-            from .graphs import graph_denoiser  # noqa: PLC0415
-
-            den = graph_denoiser(den)  # one graph per row count; eager (logged) off CUDA
         self.den, self.cond, self.uncond = den, cond, uncond
         self.guidance_scale, self.cfg_type, self.delta = float(guidance_scale), cfg_type, float(delta)
         self.img2img, self.encode, self.decode = img2img, encode or (lambda f: f), decode or (lambda z: z)
@@ -124,6 +121,11 @@ class StreamPipeline:
         self.similarity_threshold, self.max_skip_frames = similarity_threshold, max_skip_frames
         self.skip_generator = torch.Generator().manual_seed(seed + 1)
         self.stats = StreamStats()
+        self._run_tick = self._tick_tensors
+        if cuda_graphs:  # the whole tick (VAE encode, model, solver arithmetic, decode) as one graph
+            from .graphs import GraphRunner  # noqa: PLC0415
+
+            self._run_tick = GraphRunner(self._tick_tensors)  # eager, logged, off CUDA
         self.reset()
         self._inputs: queue.Queue = queue.Queue(maxsize=queue_size)
         self._outputs: queue.Queue = queue.Queue()
@@ -138,16 +140,17 @@ class StreamPipeline:
         self.buffer_conds: list[Any] = [_EMPTY] * (self.stages - 1)
         self.stock_noise = self.init_noise.clone()
         self.previous_frame, self.previous_output, self.skip_run = None, None, 0
+        self._last_entry = None
         self.next_id = 0
 
     def _bcast(self, v: torch.Tensor, rows: int) -> torch.Tensor:
         return v[:rows].reshape(rows, *([1] * len(self.latent_shape)))
 
-    def _entry_latent(self, frame: torch.Tensor | None) -> torch.Tensor:
-        if frame is None or not self.img2img:
-            return torch.randn(1, *self.latent_shape, generator=self.generator).to(self.device)
-        latent = self.encode(frame.to(self.device).reshape(1, *frame.shape[-3:]))
-        return self.a[0] * latent + self.b[0] * self.init_noise[0:1]
+    def _entry(self, frame: torch.Tensor | None) -> torch.Tensor:
+        """What enters stage 0: the frame (img2img; encoded in the tick) or fresh seeded noise."""
+        if self.img2img and frame is not None:
+            return frame.to(self.device).reshape(1, *frame.shape[-3:]).float()
+        return torch.randn(1, *self.latent_shape, generator=self.generator).to(self.device)
 
     def _conds(self, conds: list[Any]) -> Any:
         """The model's cond for the rows (each frame's, resolved when it entered). Empty stages (warm-up,
@@ -159,38 +162,60 @@ class StreamPipeline:
             raise ValueError("some frames have a condition and others none: give the pipeline a default cond")
         return torch.cat([real[0] if c is _EMPTY else c for c in conds])
 
-    def _model(self, x: torch.Tensor, cond: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(guided model output [n], the computed unconditional output of row 0 or None)."""
-        n, t = x.shape[0], self.timesteps[: x.shape[0]]
-        uncond = None
-        if self.cfg_type == "full" and self.guidance_scale != 1.0:
-            u = _repeat(self.uncond, n, self.device)
-            out_u, out_c = self.den(torch.cat([x, x]), torch.cat([t, t]), _cat(u, cond)).chunk(2)
-            self._count(2 * n)
-            return out_u + self.guidance_scale * (out_c - out_u), None
-        if self.cfg_type == "initialize" and self.guidance_scale != 1.0:
-            u = _repeat(self.uncond, 1, self.device)
-            out = self.den(torch.cat([x[:1], x]), torch.cat([t[:1], t]), _cat(u, cond))
-            self._count(n + 1)
-            uncond, out_c = out[:1], out[1:]
-        else:
-            out_c = self.den(x, t, cond)
-            self._count(n)
-        if self.cfg_type in ("self", "initialize") and self.guidance_scale != 1.0:
-            if uncond is not None:
-                self.stock_noise = torch.cat([uncond.float(), self.stock_noise[1:]])
-            out_u = self.delta * self.stock_noise[:n]
-            return out_u + self.guidance_scale * (out_c - out_u), uncond
-        return out_c, None
+    @property
+    def rows_per_call(self) -> int:
+        """Model batch rows per tick: n, 2n with full CFG, n + 1 with "initialize"."""
+        if self.guidance_scale != 1.0 and self.cfg_type == "full":
+            return 2 * self.stages
+        if self.guidance_scale != 1.0 and self.cfg_type == "initialize":
+            return self.stages + 1
+        return self.stages
 
-    def _count(self, rows: int) -> None:
-        self.stats.model_calls += 1
-        self.stats.rows.append(rows)
+    def _tick_tensors(self, entry: torch.Tensor, buffer: torch.Tensor, stock: torch.Tensor, *cond: torch.Tensor):
+        """One tick as tensors only (what a CUDA graph captures): (image [1, ...], buffer, stock_noise)."""
+        cond = cond[0] if cond else None
+        n, t = self.stages, self.timesteps
+        first = self.a[0] * self.encode(entry) + self.b[0] * self.init_noise[:1] if self.img2img else entry
+        x = torch.cat([first, buffer]).float()
+        if n > 1:
+            stock = torch.cat([self.init_noise[:1], stock[:-1]])
+        guided = self.guidance_scale != 1.0
+        if self.cfg_type == "full" and guided:
+            out_u, out_c = self.den(torch.cat([x, x]), torch.cat([t, t]),
+                                    _cat(_repeat(self.uncond, n, self.device), cond)).chunk(2)
+            m = out_u + self.guidance_scale * (out_c - out_u)
+        elif self.cfg_type in ("self", "initialize") and guided:
+            if self.cfg_type == "initialize":
+                out = self.den(torch.cat([x[:1], x]), torch.cat([t[:1], t]),
+                               _cat(_repeat(self.uncond, 1, self.device), cond))
+                stock = torch.cat([out[:1].float(), stock[1:]])
+                out_c = out[1:]
+            else:
+                out_c = self.den(x, t, cond)
+            out_u = self.delta * stock
+            m = out_u + self.guidance_scale * (out_c.float() - out_u)
+        else:
+            m = self.den(x, t, cond)
+        m = m.float()
+        denoised = self._denoise(m, x)
+        if self.cfg_type in ("self", "initialize") and guided:
+            stock = self._next_stock_noise(m, stock)
+        buffer = self._bcast(self.a[1:], n - 1) * denoised[:-1] + self._bcast(self.b[1:], n - 1) * self.init_noise[1:]
+        return self.decode(denoised[-1:]), buffer, stock
 
     def _denoise(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         data = self._bcast(self.x_coef, n) * x + self._bcast(self.m_coef, n) * m
         return self._bcast(self.c_out, n) * data + self._bcast(self.c_skip, n) * x
+
+    def _next_stock_noise(self, m: torch.Tensor, stock: torch.Tensor) -> torch.Tensor:
+        """StreamDiffusion's residual-noise update after a tick."""
+        n = m.shape[0]
+        delta_x = self._denoise(m, self._bcast(self.b, n) * stock)
+        ones = torch.ones(1, device=self.device)
+        a_next, b_next = torch.cat([self.a[1:], ones]), torch.cat([self.b[1:], ones])
+        delta_x = delta_x * self._bcast(a_next, n) / self._bcast(b_next, n)
+        return torch.cat([self.init_noise[1:], self.init_noise[:1]]) + delta_x
 
     def tick(self, frame: torch.Tensor | None = None, cond: Any = None, bubble: bool = False) -> StreamResult:
         """Push one frame (or, with ``bubble``, nothing: drain) through one batched model call."""
@@ -202,35 +227,25 @@ class StreamPipeline:
                 return StreamResult(frame_id, self.previous_output, True, skipped=True)
         else:
             frame_id = None
-        with torch.no_grad():
-            x = torch.cat([self._entry_latent(None if bubble else frame), self.buffer]).float()
-            entry_cond = _EMPTY if bubble else _as_row(self.cond if cond is None else cond, self.device)
-            ids, conds = [frame_id, *self.buffer_ids], [entry_cond, *self.buffer_conds]
-            if self.stages > 1:
-                self.stock_noise = torch.cat([self.init_noise[:1], self.stock_noise[:-1]])
-            m, _ = self._model(x, self._conds(conds))
-            m = m.float()
-            denoised = self._denoise(m, x)
-            if self.cfg_type in ("self", "initialize") and self.guidance_scale != 1.0:
-                self._update_stock_noise(m)
-            self.buffer = self._bcast(self.a[1:], self.stages - 1) * denoised[:-1] + \
-                self._bcast(self.b[1:], self.stages - 1) * self.init_noise[1:]
-            self.buffer_ids, self.buffer_conds = ids[:-1], conds[:-1]
-            done_id = ids[-1]
-            if done_id is None:
+            if self.next_id == 0:  # nothing has entered: nothing to drain
                 return StreamResult(None, None, False)
-            image = self.decode(denoised[-1:])
+        entry = self._entry(None if bubble else frame)
+        if bubble and self.img2img:
+            entry = torch.zeros_like(self._last_entry) if self._last_entry is not None else entry
+        self._last_entry = entry
+        entry_cond = _EMPTY if bubble else _as_row(self.cond if cond is None else cond, self.device)
+        ids, conds = [frame_id, *self.buffer_ids], [entry_cond, *self.buffer_conds]
+        cond_rows = self._conds(conds)
+        with torch.no_grad():
+            image, self.buffer, self.stock_noise = self._run_tick(entry, self.buffer, self.stock_noise,
+                                                                  *([] if cond_rows is None else [cond_rows]))
+        self.stats.model_calls += 1
+        self.stats.rows.append(self.rows_per_call)
+        self.buffer_ids, self.buffer_conds = ids[:-1], conds[:-1]
+        if ids[-1] is None:
+            return StreamResult(None, None, False)
         self.previous_output = image
-        return StreamResult(done_id, image, True)
-
-    def _update_stock_noise(self, m: torch.Tensor) -> None:
-        n = m.shape[0]
-        scaled = self._bcast(self.b, n) * self.stock_noise
-        delta_x = self._denoise(m, scaled)
-        ones = torch.ones(1, device=self.device)
-        a_next, b_next = torch.cat([self.a[1:], ones]), torch.cat([self.b[1:], ones])
-        delta_x = delta_x * self._bcast(a_next, n) / self._bcast(b_next, n)
-        self.stock_noise = torch.cat([self.init_noise[1:], self.init_noise[:1]]) + delta_x
+        return StreamResult(ids[-1], image, True)
 
     def _skip(self, frame: torch.Tensor | None) -> bool:
         if self.similarity_threshold is None or frame is None or self.previous_output is None:

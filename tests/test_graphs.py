@@ -57,3 +57,16 @@ def test_captured_denoiser_and_sampling_loop_equal_eager():
         replayed = loop(noise, labels, uncond)
     torch.testing.assert_close(captured, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_a_graph_captured_stream_tick_equals_the_eager_tick():
+    from diffrt.runtime.stream import StreamPipeline
+
+    den = models.load("digits-dit", device="cuda")
+    frames = [torch.rand(1, 16, 16, device="cuda") * 2 - 1 for _ in range(5)]
+    outputs = []
+    for graphs in (False, True):
+        pipe = StreamPipeline(den, t_index_list=(20, 35, 45), cond=torch.tensor(3), cuda_graphs=graphs)
+        outputs.append([pipe.tick(f).image for f in frames][2:])
+    for eager, replayed in zip(*outputs):
+        torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
