@@ -18,7 +18,7 @@ label ``NULL_CLASS`` (10) is the learned unconditional class for classifier-free
         torch.randn(10, *den.sample_shape), cond=labels, uncond=torch.full_like(labels, models.NULL_CLASS))
 
 Weights (safetensors, stored in float16) and a model card (JSON: architecture, data, schedule,
-training, quick evaluation) live in ``weights/``; ``python -m diffrt.runtime.models.train``
+training, measured baselines) live in ``weights/``; ``python -m diffrt.runtime.models.train``
 made them. :func:`card` returns a model card.
 
 ``load_digits`` and ``load_classifier`` (the data and the digits classifier the quality metrics
