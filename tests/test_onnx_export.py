@@ -197,6 +197,15 @@ def test_cli_export_writes_the_graph_and_says_so(tmp_path, capsys):
     assert cli.main(["export", "onnx", "--model", "no-such-model"]) == 2
 
 
+def test_cli_tensorrt_without_tensorrt_says_how_to_install(monkeypatch, caplog):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with caplog.at_level(logging.ERROR, logger="diffrt"):
+        assert cli.main(["export", "tensorrt", "--model", "digits-dit"]) == 2
+    assert "pip install tensorrt" in caplog.text
+
+
 def test_artifact_cache_needs_a_manifest_and_the_same_key(tmp_path):
     cache = ArtifactCache(tmp_path)
     key = {"model": "m", "shape": [1, 2]}
