@@ -5,7 +5,8 @@ Model-agnostic, per seed (candidate and baseline sampled from the same noise, ba
 * :func:`psnr` = 10 log10(data_range^2 / mean((c - r)^2)) per sample (inf where identical);
 * :func:`relative_l2` = ||c - r||_2 / ||r||_2 per sample;
 * :func:`compare_samples`: both per seed, with mean / min / max, and the batch's max-abs
-  relative error (:func:`diffrt.runtime.quality_stats.relative_error`).
+  relative error (:func:`diffrt.runtime.quality_stats.relative_error`); ``psnr_mean`` averages
+  the samples that differ (``identical`` counts the others; all identical: inf).
 
 On the shipped digits models (images float [N, 1, 16, 16] in [-1, 1]), through the digits
 classifier (:func:`diffrt.runtime.models.digits.load_classifier` unless one is passed):
@@ -94,6 +95,10 @@ def compare_samples(candidate: torch.Tensor, baseline: torch.Tensor, data_range:
         result[f"{name}_mean"] = values.mean().item()
         result[f"{name}_min"] = values.min().item()
         result[f"{name}_max"] = values.max().item()
+    finite = per_psnr[torch.isfinite(per_psnr)]
+    # a few identical samples (PSNR inf) would make the mean inf: average the others, count them apart
+    result["identical"] = int(len(per_psnr) - len(finite))
+    result["psnr_mean"] = finite.mean().item() if len(finite) else math.inf
     result["max_rel_error"] = relative_error(candidate, baseline)
     return result
 

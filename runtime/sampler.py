@@ -44,6 +44,9 @@ class Sampler:
             heun, dpmpp-1m/2m/3m, dpmpp-2m-sde, unipc, deis, lcm, flow-euler.
         steps: number of inference steps.
         guidance_scale: classifier-free guidance scale; None runs the conditional branch only.
+        adaptive_guidance: None, True (threshold ``DEFAULT_ADAPTIVE_THRESHOLD``) or a cosine-similarity
+            threshold: a sample drops its unconditional pass once its conditional and unconditional
+            predictions agree that closely (``sampler.stats`` reports the model evaluations saved).
         backend: the solver-step backend ("auto", "reference", "cpu", "cuda").
         options: the scheduler class's options under diffusers' names (``use_karras_sigmas=True``,
             ``eta=0.5``, ...).
@@ -76,12 +79,14 @@ class Sampler:
         return cls.from_plan(den, plan, guidance_scale, backend)
 
     def _init(self, denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend) -> None:
-        if adaptive_guidance is not None:
-            raise NotImplementedError("adaptive_guidance is not implemented yet")
         if early_exit is not None:
             raise NotImplementedError("early_exit is not implemented yet")
         if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        self.adaptive_guidance = _adaptive_threshold(adaptive_guidance)
+        if self.adaptive_guidance is not None and guidance_scale is None:
+            raise ValueError("adaptive_guidance drops the unconditional pass of CFG: it needs a guidance_scale")
+        self.stats: dict[str, Any] = {}
         check_plan = getattr(denoiser, "check_plan", None)  # e.g. an INT8 calibration made for one plan
         if check_plan is not None:
             check_plan(plan)
@@ -132,6 +137,8 @@ class Sampler:
         if guided and uncond is None:
             raise ValueError("guidance_scale is set, so sample() needs uncond (the unconditional conditioning)")
         state = self.start(noise, generator)
+        if guided and self.adaptive_guidance is not None:
+            return self._sample_adaptive(state, cond, uncond, callback)
         model_cond = _cat_cond(uncond, cond) if guided else cond
         for i in range(self.plan.steps):
             x_in, t = self.model_inputs(state)
@@ -142,6 +149,44 @@ class Sampler:
             self.step(state, out_cond, out_uncond)
             if callback is not None:
                 callback(i, state.x)
+        return state.x
+
+    def _sample_adaptive(self, state: "SamplerState", cond: Any, uncond: Any, callback) -> torch.Tensor:
+        """Adaptive guidance: a sample keeps its unconditional pass until cos(cond, uncond prediction) >=
+        the threshold, then runs conditional-only (uncond := cond, which the folded CFG step turns into
+        the plain conditional step) for the rest of its trajectory. The unconditional rows of the model
+        call are only the samples still guided (the batch is compacted); the decision stays on the
+        device, and one host read per step gives the compacted size. ``self.stats`` reports the NFEs."""
+        batch = state.x.shape[0]
+        if not (torch.is_tensor(cond) and torch.is_tensor(uncond)):
+            raise TypeError("adaptive guidance needs cond and uncond as tensors")
+        uncond = uncond.expand(batch, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
+        guided = torch.ones(batch, dtype=torch.bool, device=state.x.device)
+        evaluations, per_step = 0, []
+        for i in range(self.plan.steps):
+            x_in, t = self.model_inputs(state)
+            rows = guided.nonzero().squeeze(1)
+            active = int(rows.numel())  # the one host read of the step: the compacted batch size
+            if active:
+                out = self.denoiser(torch.cat([x_in.index_select(0, rows), x_in]),
+                                    torch.cat([t.index_select(0, rows), t]),
+                                    torch.cat([uncond.index_select(0, rows), cond]))
+                out_guided_uncond, out_cond = out[:active], out[active:]
+                out_uncond = out_cond.index_copy(0, rows, out_guided_uncond)
+                similar = torch.nn.functional.cosine_similarity(
+                    out_guided_uncond.flatten(1).float(), out_cond.index_select(0, rows).flatten(1).float(), dim=1)
+                guided = guided.index_put((rows,), similar < self.adaptive_guidance)
+            else:
+                out_cond = self.denoiser(x_in, t, cond)
+                out_uncond = out_cond
+            evaluations += batch + active
+            per_step.append(active)
+            self.step(state, out_cond, out_uncond)
+            if callback is not None:
+                callback(i, state.x)
+        full = 2 * batch * self.plan.steps
+        self.stats = {"evaluations": evaluations, "cfg_evaluations": full, "saved_fraction": 1 - evaluations / full,
+                      "guided_per_step": per_step}
         return state.x
 
     def start(self, noise: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
@@ -191,6 +236,20 @@ class Sampler:
             raise ValueError(f"noise is on {noise.device}, the model on {model_device}: move one of them")
         if not torch.isfinite(noise).all():
             raise ValueError("noise contains NaN or Inf")
+
+
+DEFAULT_ADAPTIVE_THRESHOLD = 0.99  # cosine similarity; see the adaptive-guidance curves in bench/results
+
+
+def _adaptive_threshold(option: Any) -> float | None:
+    """None (off), True (the default threshold) or a cosine-similarity threshold > -1 (above 1: never drops)."""
+    if option is None or option is False:
+        return None
+    if option is True:
+        return DEFAULT_ADAPTIVE_THRESHOLD
+    if isinstance(option, (int, float)) and not isinstance(option, bool) and float(option) > -1:
+        return float(option)
+    raise ValueError(f"adaptive_guidance must be None, True or a cosine-similarity threshold, got {option!r}")
 
 
 def _randn(shape, generator, device, dtype) -> torch.Tensor:

@@ -46,6 +46,15 @@ def test_relative_l2_of_zero_reference():
     assert quality.relative_l2(cand, zeros).tolist() == [0.0, math.inf]
 
 
+def test_psnr_mean_leaves_identical_samples_out():
+    ref = _batch(4)
+    cand = ref.clone()
+    cand[0] += 0.1
+    stats = quality.compare_samples(cand, ref)
+    assert stats["identical"] == 3 and stats["psnr_mean"] == pytest.approx(10 * math.log10(4 / 0.01), rel=1e-6)
+    assert quality.compare_samples(ref, ref.clone())["psnr_mean"] == math.inf
+
+
 def test_compare_samples_summary_is_consistent():
     ref, cand = _batch(2), _batch(2) + 0.01 * _batch(3)
     stats = quality.compare_samples(cand, ref)

@@ -62,8 +62,6 @@ def test_unsupported_step_option_named(den):
 
 
 def test_not_yet_features_refused(den):
-    with pytest.raises(NotImplementedError, match="adaptive_guidance"):
-        Sampler(den, "ddim", 4, adaptive_guidance=0.99)
     with pytest.raises(NotImplementedError, match="early_exit"):
         Sampler(den, "ddim", 4, early_exit=0.1)
 
