@@ -23,8 +23,8 @@ log = logging.getLogger("bench.quality")
 SOLVER, STEPS, GUIDANCE = "dpmpp-2m", 20, 3.0
 
 # label -> (make the variant from the exact denoiser, a context manager around its sampling that
-# returns extra numbers for the row, or None)
-Variant = tuple[Callable[[Any], Any], Callable[[], Any] | None]
+# returns extra numbers for the row, or None[, Sampler options such as adaptive_guidance])
+Variant = tuple
 
 
 def compare_variants(name: str, samples: int, variants: dict[str, Variant]) -> list[dict[str, Any]]:
@@ -37,19 +37,21 @@ def compare_variants(name: str, samples: int, variants: dict[str, Variant]) -> l
     rows = [{"model": name, "configuration": "exact (fp32)", "samples": samples, "psnr_mean": float("inf"),
              "psnr_min": float("inf"), "rel_l2_mean": 0.0, "class_accuracy": base["accuracy"],
              "digits_fid": base["fid"], "sampling_s": time.perf_counter() - start}]
-    for label, (make, meter) in variants.items():
+    for label, (make, meter, *sampler_options) in variants.items():
         prepared = time.perf_counter()
         candidate = make(den)
         prepare_s = time.perf_counter() - prepared
         start = time.perf_counter()
+        sampler_stats: dict[str, Any] = {}
         with (meter() if meter else contextlib.nullcontext()) as measured:
-            images = baselines.sample_digits(candidate, labels, SOLVER, STEPS, GUIDANCE)
+            images = baselines.sample_digits(candidate, labels, SOLVER, STEPS, GUIDANCE, stats=sampler_stats,
+                                             **(sampler_options[0] if sampler_options else {}))
         report = quality.quality_report(images, exact, labels=labels, fid=True, name=label)
         rows.append({"model": name, "configuration": label, "samples": samples, "psnr_mean": report.psnr_mean,
                      "psnr_min": report.psnr_min, "rel_l2_mean": report.rel_l2_mean,
                      "class_accuracy": report.class_accuracy, "digits_fid": report.digits_fid,
                      "prepare_s": prepare_s, "sampling_s": time.perf_counter() - start,
-                     **(measured.numbers() if hasattr(measured, "numbers") else {})})
+                     **(measured.numbers() if hasattr(measured, "numbers") else {}), **_evaluations(sampler_stats)})
         log.info("%s %s: %s", name, label, report.summary())
     for row in rows:
         row.update({"baseline_class_accuracy": base["accuracy"], "baseline_digits_fid": base["fid"],
@@ -57,6 +59,13 @@ def compare_variants(name: str, samples: int, variants: dict[str, Variant]) -> l
                     "fid_change": row["digits_fid"] / base["fid"] - 1, "solver": SOLVER, "steps": STEPS,
                     "guidance_scale": GUIDANCE, "noise_seed": baselines.NOISE_SEED})
     return rows
+
+
+def _evaluations(stats: dict[str, Any]) -> dict[str, Any]:
+    """Model evaluations and the fraction saved (adaptive guidance), when the sampler counted them."""
+    if "evaluations" not in stats:
+        return {}
+    return {"evaluations": stats["evaluations"], "evaluations_saved": 1 - stats["evaluations"] / stats["cfg_evaluations"]}
 
 
 def markdown(rows: list[dict], extra: tuple[tuple[str, str], ...] = ()) -> str:

@@ -55,12 +55,13 @@ def balanced_labels(samples: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample_digits(den: Denoiser, labels: torch.Tensor, solver: str, steps: int, guidance_scale: float | None,
-                  seed: int = NOISE_SEED, batch_size: int = 500, **options) -> torch.Tensor:
+                  seed: int = NOISE_SEED, batch_size: int = 500, stats: dict | None = None, **options) -> torch.Tensor:
     """Samples [N, 1, 16, 16] of ``labels`` [N] from unit noise seeded by ``seed`` (float32, CPU, not clamped).
 
     ``guidance_scale`` None or 1 runs the conditional branch alone; otherwise CFG with the null class.
     The noise depends on the seed and N only, so settings compare on the same noise. ``options``
-    go to the solver (``clip_sample=False``, ...).
+    go to the Sampler (``clip_sample=False``, ``adaptive_guidance=0.99``, ...); ``stats``, a dict,
+    receives the sums of the sampler's numeric stats over the batches (model evaluations saved).
     """
     noise = torch.randn(len(labels), *den.sample_shape, generator=torch.Generator().manual_seed(seed))
     guided = guidance_scale is not None and guidance_scale != 1.0
@@ -71,6 +72,10 @@ def sample_digits(den: Denoiser, labels: torch.Tensor, solver: str, steps: int, 
         y = y.to(device)
         uncond = torch.full_like(y, models.NULL_CLASS) if guided else None
         chunks.append(sampler.sample(n.to(device, den.dtype or torch.float32), cond=y, uncond=uncond).float().cpu())
+        if stats is not None:
+            for key, value in sampler.stats.items():
+                if isinstance(value, (int, float)):
+                    stats[key] = stats.get(key, 0) + value
     return torch.cat(chunks)
 
 
