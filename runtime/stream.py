@@ -32,7 +32,9 @@ similarity c to the previous input gives skip probability max(0, 1 - (1 - c) / (
 a skipped frame returns the previous output without a model call, at most ``max_skip_frames`` in a
 row. Queues: :meth:`start` runs ticks on a worker thread fed by :meth:`submit` (a bounded queue:
 it blocks, or raises queue.Full after ``timeout``); :meth:`get` returns results in order;
-:meth:`close` drains the frames in flight (n - 1 bubble ticks) so none is lost.
+:meth:`close` drains the frames in flight (n - 1 bubble ticks) so none is lost. ``deadline``
+(:class:`~diffrt.runtime.deadline.DeadlinePolicy`) degrades guidance and skipping to keep a
+per-frame time budget instead of dropping frames.
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ class StreamResult:
     image: torch.Tensor | None
     ready: bool
     skipped: bool = False  # the similarity filter skipped this frame: ``image`` is the previous output
+    degradation: str | None = None  # the deadline policy's rung in force for this tick
 
 
 @dataclass
@@ -86,7 +89,7 @@ class StreamPipeline:
                  decode: Callable | None = None, similarity_threshold: float | None = None, max_skip_frames: int = 10,
                  queue_size: int = 8, seed: int = 0, original_inference_steps: int = 50,
                  timestep_scaling: float = 10.0, latent_shape: tuple[int, ...] | None = None,
-                 device: torch.device | str | None = None, cuda_graphs: bool = False):
+                 device: torch.device | str | None = None, cuda_graphs: bool = False, deadline: Any = None):
         if cfg_type not in CFG_TYPES:
             raise ValueError(f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {cfg_type!r}")
         if cfg_type != "none" and uncond is None and cfg_type != "self":
@@ -121,6 +124,7 @@ class StreamPipeline:
         self.similarity_threshold, self.max_skip_frames = similarity_threshold, max_skip_frames
         self.skip_generator = torch.Generator().manual_seed(seed + 1)
         self.stats = StreamStats()
+        self.deadline = deadline  # a diffrt.runtime.deadline.DeadlinePolicy, or None
         self._run_tick = self._tick_tensors
         if cuda_graphs:  # the whole tick (VAE encode, model, solver arithmetic, decode) as one graph
             from .graphs import GraphRunner  # noqa: PLC0415
@@ -236,16 +240,20 @@ class StreamPipeline:
         entry_cond = _EMPTY if bubble else _as_row(self.cond if cond is None else cond, self.device)
         ids, conds = [frame_id, *self.buffer_ids], [entry_cond, *self.buffer_conds]
         cond_rows = self._conds(conds)
+        started = self.deadline.start() if self.deadline is not None else None
+        rung = None if self.deadline is None else self.deadline.rung
         with torch.no_grad():
             image, self.buffer, self.stock_noise = self._run_tick(entry, self.buffer, self.stock_noise,
                                                                   *([] if cond_rows is None else [cond_rows]))
         self.stats.model_calls += 1
         self.stats.rows.append(self.rows_per_call)
+        if self.deadline is not None:
+            self.deadline.observe(self, started)
         self.buffer_ids, self.buffer_conds = ids[:-1], conds[:-1]
         if ids[-1] is None:
             return StreamResult(None, None, False)
         self.previous_output = image
-        return StreamResult(ids[-1], image, True)
+        return StreamResult(ids[-1], image, True, degradation=rung)
 
     def _skip(self, frame: torch.Tensor | None) -> bool:
         if self.similarity_threshold is None or frame is None or self.previous_output is None:

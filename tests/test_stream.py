@@ -222,3 +222,61 @@ def test_graphs_run_eagerly_off_cuda_and_say_so(dit, caplog):
     frames = _frames(3, seed=9)
     result = [pipe.tick(f) for f in frames][-1]
     torch.testing.assert_close(result.image, offline_frame(pipe, frames[0]), rtol=1e-5, atol=1e-5)
+
+
+class SimulatedClock:
+    """Time that passes only when the simulated model runs: ms_per_row per batch row."""
+
+    def __init__(self, ms_per_row: float):
+        self.now, self.ms_per_row = 0.0, ms_per_row
+
+    def __call__(self) -> float:
+        return self.now
+
+    def model(self, x, t, cond=None):
+        self.now += self.ms_per_row * x.shape[0] / 1e3
+        return ToyEpsilon()(x, t, cond)
+
+
+def _slow_toy(clock: SimulatedClock, **options):
+    schedule = NoiseSchedule.from_config({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                                          "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"})
+    den = Denoiser(clock.model, schedule, sample_shape=(1, 4, 4))
+    return StreamPipeline(den, t_index_list=(10, 30, 45), cond=torch.tensor(0.5), uncond=torch.tensor(-0.2),
+                          guidance_scale=2.0, **options)
+
+
+def test_deadline_degrades_guidance_instead_of_dropping_frames():
+    from diffrt.runtime.deadline import DeadlinePolicy
+
+    clock = SimulatedClock(15)  # 6 rows (full CFG) = 90 ms > 60 ms; 3 rows (residual CFG) = 45 ms
+    policy = DeadlinePolicy(budget_ms=60, patience=2, clock=clock)
+    pipe = _slow_toy(clock, cfg_type="full", deadline=policy)
+    frames = [f[:, :4, :4] for f in _frames(8, seed=6)]
+    results = [pipe.tick(f) for f in frames]
+    assert policy.rung == "residual-guidance" and pipe.cfg_type == "self"
+    assert policy.changes == [(2, "residual-guidance")]
+    assert pipe.stats.rows[:2] == [6, 6] and set(pipe.stats.rows[2:]) == {3}
+    assert all(r.ready for r in results[2:]) and results[-1].degradation == "residual-guidance"  # no frame dropped
+
+
+def test_deadline_respects_the_quality_floor_and_recovers():
+    from diffrt.runtime.deadline import DeadlinePolicy
+
+    clock = SimulatedClock(15)
+    floor = DeadlinePolicy(budget_ms=20, patience=1, allow=("no-guidance",), clock=clock)
+    pipe = _slow_toy(clock, cfg_type="full", deadline=floor)
+    frames = [f[:, :4, :4] for f in _frames(4, seed=7)]
+    for f in frames:
+        pipe.tick(f)
+    assert floor.rung == "no-guidance" and pipe.cfg_type == "none"  # still over budget: no rung left to take
+    fast = SimulatedClock(1)
+    relaxed = DeadlinePolicy(budget_ms=60, patience=2, clock=fast)
+    pipe = _slow_toy(fast, cfg_type="full", deadline=relaxed)
+    relaxed.level, relaxed._original = 1, {"cfg_type": "full", "similarity_threshold": None}
+    relaxed._apply(pipe)
+    for f in frames:
+        pipe.tick(f)
+    assert relaxed.level == 0 and pipe.cfg_type == "full" and relaxed.changes == [(2, None)]  # back to full CFG
+    with pytest.raises(ValueError, match="allow a subset"):
+        DeadlinePolicy(budget_ms=10, allow=("fewer-layers",))
