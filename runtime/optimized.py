@@ -23,6 +23,9 @@ What it does now (later options arrive with their issues and raise NotImplemente
   for "dynamic"; a calibration names its own.
 * ``dtype``: the compute dtype; a model in another dtype is copied and converted (the original
   keeps its own), one already in it is shared.
+* ``step_cache``: first-block caching for DiT-style transformers (:mod:`diffrt.runtime.step_cache`):
+  ``True`` or a threshold on the relative change of the first block's residual; the later blocks
+  are skipped while it stays below. Changes the samples.
 * ``backend``: "native" (PyTorch with diffrt's kernels: an :class:`OptimizedDenoiser`),
   "onnxruntime" or "tensorrt": the optimized denoiser exported to ONNX (with its calibration as
   QDQ nodes) and run by that engine (:mod:`diffrt.export.backends`; ``backend_options`` go there:
@@ -57,7 +60,7 @@ class OptimizedDenoiser(Denoiser):
 
     def __init__(self, base: Denoiser, model: Any, settings: attn.AttentionSettings | None,
                  layers: list[attn.Layer], dtype: torch.dtype | None, calibration: Any = None,
-                 int8_mode: str | None = None, int8_weights: dict | None = None):
+                 int8_mode: str | None = None, int8_weights: dict | None = None, step_cache: Any = None):
         super().__init__(model, base.schedule, sample_shape=base.sample_shape, call=base._call, dtype=dtype)
         self.base = base
         self.settings = settings
@@ -65,6 +68,7 @@ class OptimizedDenoiser(Denoiser):
         self.calibration = calibration
         self.int8_mode = int8_mode
         self.int8_weights = int8_weights or {}  # {module: W8A8Weights}
+        self.step_cache = step_cache  # a diffrt.runtime.step_cache.StepCache, or None
         names = {module: name for name, module in model.named_modules()} if self.int8_weights else {}
         self.int8_layers = [names[module] for module in self.int8_weights]
 
@@ -79,11 +83,20 @@ class OptimizedDenoiser(Denoiser):
             t_rows = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
             groups = self.calibration.groups_of(t_rows) if self.int8_mode == "static" else None
             tokens.append((quant.ACTIVE, quant.ACTIVE.set((groups, self.int8_mode, self.int8_weights))))
+        if self.step_cache is not None:
+            from . import step_cache as caching  # noqa: PLC0415
+
+            tokens.append((caching.ACTIVE, caching.ACTIVE.set(self.step_cache)))
         try:
             return super().__call__(x, t, cond)
         finally:
             for var, token in reversed(tokens):
                 var.reset(token)
+
+    def reset_cache(self) -> None:
+        """Forget the step cache's trajectory (the Sampler calls this at the start of each sample)."""
+        if self.step_cache is not None:
+            self.step_cache.reset()
 
     def check_plan(self, plan) -> None:
         """Refuse a solver plan the INT8 calibration was not made for (the Sampler calls this)."""
@@ -118,7 +131,7 @@ def _todo_config(todo: Any) -> attn.ToDo | None:
 def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | None = "auto", todo: Any = None,
              sparse: attn.Sparse | None = None, int8: Any = None, cuda_graphs: bool = False,
              backend: str = "native", int8_policy: Any = None,
-             backend_options: dict[str, Any] | None = None) -> Denoiser:
+             backend_options: dict[str, Any] | None = None, step_cache: float | bool | None = None) -> Denoiser:
     """An :class:`OptimizedDenoiser` of ``den`` (module docstring for the options)."""
     if not isinstance(den, Denoiser):
         raise TypeError(f"optimize takes a Denoiser (Denoiser.from_diffusers(...), models.load(...)), got "
@@ -156,7 +169,11 @@ def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | N
             log.info("optimize: diffrt attention in %d layers (%s), todo=%s, sparse=%s", len(layers), attention,
                      todo_config, sparse)
     int8_weights = _install_int8(model, calibration, int8_mode, int8_policy)
-    fast = OptimizedDenoiser(den, model, settings, layers, dtype or den.dtype, calibration, int8_mode, int8_weights)
+    cache = _step_cache(model, step_cache)
+    if cache is not None and backend != "native":
+        raise NotImplementedError(f"step_cache decides on the host per call: not with backend={backend!r}")
+    fast = OptimizedDenoiser(den, model, settings, layers, dtype or den.dtype, calibration, int8_mode, int8_weights,
+                             cache)
     if backend == "native":
         return fast
     if int8_mode == "dynamic":
@@ -164,6 +181,22 @@ def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | N
     from diffrt.export import backends  # noqa: PLC0415 - onnx / onnxruntime / tensorrt load on first use
 
     return backends.build(backend, fast, calibration, precision=precision, **(backend_options or {}))
+
+
+DEFAULT_STEP_CACHE = 0.05  # relative change of the first block's residual
+
+
+def _step_cache(model: Any, option: float | bool | None):
+    """A StepCache for ``optimize(step_cache=...)``: None / False (off), True (the default threshold) or a threshold."""
+    if option is None or option is False:
+        return None
+    from . import step_cache as caching  # noqa: PLC0415
+
+    threshold = DEFAULT_STEP_CACHE if option is True else float(option)
+    if threshold < 0:
+        raise ValueError(f"step_cache must be a non-negative threshold, got {option}")
+    caching.install(model)
+    return caching.StepCache(threshold)
 
 
 def _int8_request(den: Denoiser, int8: Any) -> tuple[Any, str | None]:

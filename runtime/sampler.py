@@ -192,6 +192,9 @@ class Sampler:
     def start(self, noise: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
               ) -> "SamplerState":
         """A fresh trajectory from unit noise: x = init_noise_sigma * noise, empty history, step 0."""
+        reset_cache = getattr(self.denoiser, "reset_cache", None)  # a step cache holds one trajectory
+        if reset_cache is not None:
+            reset_cache()
         device = noise.device
         x = noise * self.plan.init_noise_sigma
         history = torch.zeros((self.plan.n_slots, *x.shape), dtype=x.dtype, device=device) if self.plan.n_slots else None
