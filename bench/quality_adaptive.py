@@ -1,12 +1,13 @@
-"""Adaptive guidance's quality / evaluations curve on the digits models: a threshold sweep.
+"""Adaptive computation's quality / savings curves on the digits models: threshold sweeps.
 
     python -m bench.quality_adaptive --out bench/results [--samples 1000] [--models digits-dit,digits-unet]
 
-For each threshold of ``THRESHOLDS`` (cosine similarity between the conditional and unconditional
-predictions at which a sample drops its unconditional pass), the samples of the model cards'
-setting (DPM-Solver++(2M), 20 steps, CFG 3, the same noise) against plain CFG: model evaluations
-saved, PSNR, class accuracy, digits-FID. Writes ``<device>-<date>-adaptive-guidance.json``, the
-Markdown table and a PNG of evaluations saved vs accuracy and FID change beside it.
+Adaptive guidance: for each threshold of ``THRESHOLDS`` (cosine similarity between the conditional
+and unconditional predictions at which a sample drops its unconditional pass); step caching (the
+DiT only: first-block cache) for each of ``CACHE_THRESHOLDS``. Against the model cards' setting
+(DPM-Solver++(2M), 20 steps, CFG 3, the same noise): model evaluations or blocks saved, PSNR,
+class accuracy, digits-FID. Writes ``<device>-<date>-adaptive-guidance.json``, the Markdown table
+and a PNG of savings vs accuracy drop and FID change beside it.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from pathlib import Path
 import torch
 
 from bench import quality_common
+from diffrt.runtime import optimize
 
 THRESHOLDS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
+CACHE_THRESHOLDS = (0.05, 0.1, 0.15, 0.2)
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
@@ -31,12 +34,14 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for model in sorted({r["model"] for r in rows}):
-        points = sorted((r["evaluations_saved"], r["accuracy_drop_points"], 100 * r["fid_change"], r["configuration"])
-                        for r in rows if r["model"] == model and "evaluations_saved" in r)
-        left.plot([p[0] for p in points], [p[1] for p in points], "o-", label=model)
-        right.plot([p[0] for p in points], [p[2] for p in points], "o-", label=model)
-    left.set(xlabel="model evaluations saved", ylabel="accuracy drop (points)")
-    right.set(xlabel="model evaluations saved", ylabel="digits-FID change (%)")
+        for saving, label in (("evaluations_saved", "adaptive guidance"), ("blocks_saved", "step cache")):
+            points = sorted((r[saving], r["accuracy_drop_points"], 100 * r["fid_change"])
+                            for r in rows if r["model"] == model and r.get(saving) is not None)
+            if points:
+                left.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{model}, {label}")
+                right.plot([p[0] for p in points], [p[2] for p in points], "o-", label=f"{model}, {label}")
+    left.set(xlabel="model evaluations (or blocks) saved", ylabel="accuracy drop (points)")
+    right.set(xlabel="model evaluations (or blocks) saved", ylabel="digits-FID change (%)")
     for axis in (left, right):
         axis.grid(True)
         axis.legend()
@@ -49,12 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     args = quality_common.parser("python -m bench.quality_adaptive", __doc__.split("\n")[0],
                                  "digits-dit,digits-unet").parse_args(argv)
     quality_common.setup(args)
-    variants = {f"adaptive guidance {t:g}": (lambda den: den, None, {"adaptive_guidance": t}) for t in THRESHOLDS}
     rows = []
     with torch.no_grad():
         for name in args.models.split(","):
+            variants = {f"adaptive guidance {t:g}": (lambda den: den, None, {"adaptive_guidance": t})
+                        for t in THRESHOLDS}
+            if name == "digits-dit":
+                variants.update({f"step cache {t:g}": (lambda den, t=t: optimize(den, step_cache=t), None)
+                                 for t in CACHE_THRESHOLDS})
             rows.extend(quality_common.compare_variants(name, args.samples, variants))
     table = quality_common.markdown(rows, (("evaluations saved", "evaluations_saved"),
+                                           ("blocks saved", "blocks_saved"),
                                            ("accuracy drop (points)", "accuracy_drop_points")))
     print(table)
     path = quality_common.write(args.out, "adaptive-guidance", rows, table, args.samples)

@@ -51,7 +51,8 @@ def compare_variants(name: str, samples: int, variants: dict[str, Variant]) -> l
                      "psnr_min": report.psnr_min, "rel_l2_mean": report.rel_l2_mean,
                      "class_accuracy": report.class_accuracy, "digits_fid": report.digits_fid,
                      "prepare_s": prepare_s, "sampling_s": time.perf_counter() - start,
-                     **(measured.numbers() if hasattr(measured, "numbers") else {}), **_evaluations(sampler_stats)})
+                     **(measured.numbers() if hasattr(measured, "numbers") else {}), **_evaluations(sampler_stats),
+                     **_cache_numbers(candidate)})
         log.info("%s %s: %s", name, label, report.summary())
     for row in rows:
         row.update({"baseline_class_accuracy": base["accuracy"], "baseline_digits_fid": base["fid"],
@@ -66,6 +67,16 @@ def _evaluations(stats: dict[str, Any]) -> dict[str, Any]:
     if "evaluations" not in stats:
         return {}
     return {"evaluations": stats["evaluations"], "evaluations_saved": 1 - stats["evaluations"] / stats["cfg_evaluations"]}
+
+
+def _cache_numbers(candidate) -> dict[str, Any]:
+    """The share of transformer blocks a step cache skipped (the first block always runs)."""
+    cache = getattr(candidate, "step_cache", None)
+    if cache is None:
+        return {}
+    blocks = len(candidate.model.blocks) if hasattr(candidate.model, "blocks") else None
+    skipped = cache.stats["skipped_fraction"]
+    return {"calls_skipped": skipped, "blocks_saved": None if blocks is None else skipped * (blocks - 1) / blocks}
 
 
 def markdown(rows: list[dict], extra: tuple[tuple[str, str], ...] = ()) -> str:
