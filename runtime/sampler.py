@@ -47,6 +47,9 @@ class Sampler:
         adaptive_guidance: None, True (threshold ``DEFAULT_ADAPTIVE_THRESHOLD``) or a cosine-similarity
             threshold: a sample drops its unconditional pass once its conditional and unconditional
             predictions agree that closely (``sampler.stats`` reports the model evaluations saved).
+        early_exit: None, True (``DEFAULT_EXIT_THRESHOLD``) or an uncertainty threshold: a model with
+            exit heads stops at the first exit whose uncertainty is below it for the whole batch
+            (``sampler.stats["early_exit"]`` reports the blocks saved).
         backend: the solver-step backend ("auto", "reference", "cpu", "cuda").
         options: the scheduler class's options under diffusers' names (``use_karras_sigmas=True``,
             ``eta=0.5``, ...).
@@ -79,8 +82,7 @@ class Sampler:
         return cls.from_plan(den, plan, guidance_scale, backend)
 
     def _init(self, denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend) -> None:
-        if early_exit is not None:
-            raise NotImplementedError("early_exit is not implemented yet")
+        self.early_exit = _early_exit_threshold(early_exit, denoiser)
         if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         self.adaptive_guidance = _adaptive_threshold(adaptive_guidance)
@@ -133,6 +135,21 @@ class Sampler:
         """
         if check:
             self._check_noise(noise)
+        self.stats = {}
+        if self.early_exit is not None:
+            from .models import exits  # noqa: PLC0415
+
+            state = exits.ExitState(self.early_exit)
+            token = exits.ACTIVE.set(state)
+            try:
+                x = self._sample(noise, cond, uncond, generator, callback)
+            finally:
+                exits.ACTIVE.reset(token)
+            self.stats = {**self.stats, "early_exit": state.stats}
+            return x
+        return self._sample(noise, cond, uncond, generator, callback)
+
+    def _sample(self, noise, cond, uncond, generator, callback) -> torch.Tensor:
         guided = self.guidance_scale is not None
         if guided and uncond is None:
             raise ValueError("guidance_scale is set, so sample() needs uncond (the unconditional conditioning)")
@@ -242,6 +259,22 @@ class Sampler:
 
 
 DEFAULT_ADAPTIVE_THRESHOLD = 0.99  # cosine similarity; see the adaptive-guidance curves in bench/results
+
+
+DEFAULT_EXIT_THRESHOLD = 0.05  # exit uncertainty (tanh of the mean abs error); see the curves in bench/results
+
+
+def _early_exit_threshold(option: Any, denoiser: Any) -> float | None:
+    """None (off), True (the default) or an uncertainty threshold in [0, 1]; the model needs exit heads."""
+    if option is None or option is False:
+        return None
+    threshold = DEFAULT_EXIT_THRESHOLD if option is True else option
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= float(threshold) <= 1:
+        raise ValueError(f"early_exit must be None, True or an uncertainty threshold in [0, 1], got {option!r}")
+    if getattr(getattr(denoiser, "model", None), "exit_heads", None) is None:
+        raise ValueError("early_exit needs a model with exit heads (models.load('digits-dit') ships them; "
+                         "diffrt.runtime.models.exits.train_exit_heads trains them)")
+    return float(threshold)
 
 
 def _adaptive_threshold(option: Any) -> float | None:

@@ -61,8 +61,8 @@ def test_unsupported_step_option_named(den):
         Sampler.from_scheduler(den, DDIMScheduler(), 4, variance_noise=torch.zeros(1))
 
 
-def test_not_yet_features_refused(den):
-    with pytest.raises(NotImplementedError, match="early_exit"):
+def test_early_exit_without_exit_heads_is_refused(den):
+    with pytest.raises(ValueError, match="early_exit needs a model with exit heads"):
         Sampler(den, "ddim", 4, early_exit=0.1)
 
 

@@ -114,6 +114,9 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
         model = model.to(dtype)
     if info["architecture"]["class"] == "UNet2DModel":
         return Denoiser.from_diffusers(model, info["scheduler"])
+    from .exits import load_exit_heads  # noqa: PLC0415
+
+    model.attach_exit_heads(load_exit_heads(model, weights_dir or WEIGHTS_DIR))
     return Denoiser(model, NoiseSchedule.from_config(info["scheduler"]), sample_shape=tuple(info["sample_shape"]),
                     call=_call_dit)
 

@@ -17,12 +17,16 @@ a model can be sampled (or given exit heads) at any depth. The null class (label
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+EARLY_EXIT: contextvars.ContextVar[Any] = contextvars.ContextVar("diffrt_early_exit", default=None)
+"""The ExitState of an early-exit sampling in progress (see diffrt.runtime.models.exits)."""
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "sample_size": 16, "in_channels": 1, "patch_size": 2, "hidden_size": 256, "num_blocks": 6,
@@ -139,6 +143,7 @@ class DigitsDiT(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(dim, cfg["num_heads"], cfg["mlp_ratio"]) for _ in range(cfg["num_blocks"]))
         self.final_layer = FinalLayer(dim, patch, cfg["in_channels"])
         self.reset_parameters()
+        self.attach_exit_heads(None)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -202,7 +207,17 @@ class DigitsDiT(nn.Module):
             depth = self.num_blocks
         if not 1 <= int(depth) <= self.num_blocks:
             raise ValueError(f"depth must be in 1..{self.num_blocks}, got {depth}")
+        state = EARLY_EXIT.get()
+        if state is not None and self.exit_heads is not None and depth == self.num_blocks:
+            from .exits import exiting_forward  # noqa: PLC0415
+
+            return exiting_forward(self, state, x, t, y)
         h, c = self.embed(x, t, y)
         for block in self.blocks[: int(depth)]:
             h = block(h, c)
         return self.readout(h, c)
+
+    def attach_exit_heads(self, heads: nn.Module | None) -> None:
+        """Attach (or, with None, remove) exit heads (:mod:`diffrt.runtime.models.exits`). They are kept out
+        of the DiT's own modules, so its state dict does not change; move them with the DiT yourself."""
+        object.__setattr__(self, "exit_heads", heads)

@@ -1,0 +1,216 @@
+"""Layer early exit for the reference DiT (DeeDiff): exit heads, uncertainty heads, training, inference.
+
+After every ``every`` blocks (not after the last: that is the full model) an exit has
+
+* an output head: the DiT's final layer shape (adaLN shift / scale from the conditioning, LayerNorm,
+  Linear to patch pixels), initialised from the trained final layer, giving g_i [B, C, H, W];
+* an uncertainty head u_i = sigmoid(w_i . [mean over tokens of h_i, c] + b_i) in (0, 1), trained to
+  predict tanh(mean |g_i - f|), the exit's error against the full model f.
+
+:func:`train_exit_heads` trains both with the backbone frozen (seeded; the DiT's own training
+distribution: digits of the train split noised at uniform timesteps, labels dropped to the null class
+with p = 0.1): loss = sum_i mean (g_i - f)^2 + sum_i mean (u_i - tanh(mean |g_i - f|))^2.
+
+Inference (``Sampler(..., early_exit=threshold)`` sets :data:`ACTIVE`): the batch runs block by block
+and stops at the first exit whose largest uncertainty in the batch is below ``threshold`` (one host
+read per exit point), returning that exit's prediction; ``threshold`` 0 never exits (u > 0), so it is
+the full model. :class:`ExitState` counts the blocks run.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .dit import EARLY_EXIT, DigitsDiT
+
+log = logging.getLogger(__name__)
+
+ACTIVE = EARLY_EXIT  # the ExitState of the sampling in progress (dit.py reads it in forward)
+
+
+@dataclass
+class ExitState:
+    """The threshold of the sampling in progress and the blocks it ran."""
+
+    threshold: float
+    calls: int = 0
+    blocks_run: int = 0
+    blocks_full: int = 0
+    exits: dict[int, int] = field(default_factory=dict)  # depth -> calls that stopped there
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        saved = 1 - self.blocks_run / self.blocks_full if self.blocks_full else 0.0
+        return {"calls": self.calls, "blocks_run": self.blocks_run, "blocks_full": self.blocks_full,
+                "blocks_saved_fraction": saved, "exits": dict(sorted(self.exits.items()))}
+
+
+class ExitHeads(nn.Module):
+    """Output and uncertainty heads after blocks ``every``, ``2 every``, ... of a :class:`DigitsDiT`."""
+
+    def __init__(self, dit: DigitsDiT, every: int = 1):
+        super().__init__()
+        dim = dit.config["hidden_size"]
+        self.depths = list(range(every, dit.num_blocks, every))
+        if not self.depths:
+            raise ValueError(f"every={every} leaves no exit before the last of {dit.num_blocks} blocks")
+        self.every = every
+        self.outputs = nn.ModuleList(copy.deepcopy(dit.final_layer) for _ in self.depths)
+        self.uncertainty = nn.ModuleList(nn.Linear(2 * dim, 1) for _ in self.depths)
+
+    def uncertainty_of(self, index: int, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.uncertainty[index](torch.cat([h.mean(dim=1), c], dim=1))).squeeze(1)
+
+
+def forward_exits(dit: DigitsDiT, heads: ExitHeads, x, t, y) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """(exit predictions, exit uncertainties, the full prediction) of one batch (training, evaluation)."""
+    h, c = dit.embed(x, t, y)
+    outputs, uncertainties = [], []
+    for depth, block in enumerate(dit.blocks, start=1):
+        h = block(h, c)
+        if depth in heads.depths:
+            index = heads.depths.index(depth)
+            outputs.append(dit.unpatchify(heads.outputs[index](h, c)))
+            uncertainties.append(heads.uncertainty_of(index, h, c))
+    return outputs, uncertainties, dit.readout(h, c)
+
+
+def exiting_forward(dit: DigitsDiT, state: ExitState, x, t, y) -> torch.Tensor:
+    """The DiT's forward stopping at the first confident exit (module docstring)."""
+    heads = dit.exit_heads
+    h, c = dit.embed(x, t, y)
+    state.calls += 1
+    state.blocks_full += dit.num_blocks
+    for depth, block in enumerate(dit.blocks, start=1):
+        h = block(h, c)
+        if depth in heads.depths:
+            index = heads.depths.index(depth)
+            if float(heads.uncertainty_of(index, h, c).max()) < state.threshold:
+                state.blocks_run += depth
+                state.exits[depth] = state.exits.get(depth, 0) + 1
+                return dit.unpatchify(heads.outputs[index](h, c))
+    state.blocks_run += dit.num_blocks
+    state.exits[dit.num_blocks] = state.exits.get(dit.num_blocks, 0) + 1
+    return dit.readout(h, c)
+
+
+def train_exit_heads(dit: DigitsDiT, schedule, every: int = 1, steps: int = 1500, batch_size: int = 64,
+                     lr: float = 1e-3, seed: int = 0, progress: bool = True) -> tuple[ExitHeads, dict[str, Any]]:
+    """Train exit heads on a frozen ``dit`` (module docstring); returns the heads and a training record."""
+    from .digits import load_digits  # noqa: PLC0415
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    dit = dit.eval().requires_grad_(False)
+    heads = ExitHeads(dit, every).float().train()
+    images, labels = load_digits("train")
+    abar = schedule.alphas_cumprod.float()
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
+    start, loss_ema = time.perf_counter(), None
+    for step in tqdm(range(steps), desc="exit heads", unit="step", disable=not progress, mininterval=5.0):
+        index = torch.randint(0, len(images), (batch_size,), generator=generator)
+        x0, y = images[index], labels[index]
+        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        a = abar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        y = torch.where(torch.rand(batch_size, generator=generator) < 0.1, torch.full_like(y, dit.null_class), y)
+        with torch.no_grad():
+            h, c = dit.embed(x_t, t.float(), y)
+            hidden = []
+            for depth, block in enumerate(dit.blocks, start=1):
+                h = block(h, c)
+                if depth in heads.depths:
+                    hidden.append(h)
+            full = dit.readout(h, c)
+        loss = torch.zeros(())
+        for i, h_i in enumerate(hidden):
+            g = dit.unpatchify(heads.outputs[i](h_i, c))
+            error = (g - full).abs().mean(dim=(1, 2, 3))
+            loss = loss + F.mse_loss(g, full) + F.mse_loss(heads.uncertainty_of(i, h_i, c), torch.tanh(error.detach()))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+    heads.eval().requires_grad_(False)
+    record = {"every": every, "depths": heads.depths, "steps": steps, "batch_size": batch_size, "lr": lr,
+              "seed": seed, "final_loss": round(loss_ema or 0.0, 6), "wall_time_s": round(time.perf_counter() - start, 1),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "objective": "sum_i MSE(g_i, f) + MSE(u_i, tanh(mean|g_i - f|)), backbone frozen"}
+    log.info("exit heads: depths %s, final loss %.5f", heads.depths, record["final_loss"])
+    return heads, record
+
+
+
+EXITS_FILE = "digits-dit-exits.safetensors"
+
+
+def save_exit_heads(heads: ExitHeads, record: dict[str, Any], weights_dir) -> None:
+    """``<weights_dir>/digits-dit-exits.safetensors`` and the record under "exit_heads" in digits-dit.json."""
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    folder = Path(weights_dir)
+    save_file({k: v.contiguous() for k, v in heads.state_dict().items()}, str(folder / EXITS_FILE),
+              metadata={"every": str(heads.every)})
+    card_path = folder / "digits-dit.json"
+    card = json.loads(card_path.read_text())
+    card["exit_heads"] = {**record, "file": EXITS_FILE, "parameters": sum(p.numel() for p in heads.parameters())}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def load_exit_heads(dit: DigitsDiT, weights_dir) -> ExitHeads | None:
+    """The shipped heads for ``dit`` (None when the file is absent), on the DiT's device and dtype."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    path = Path(weights_dir) / EXITS_FILE
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as handle:
+        every = int(handle.metadata()["every"])
+    heads = ExitHeads(dit, every)
+    heads.load_state_dict(load_file(str(path)))
+    first = next(dit.parameters())
+    return heads.to(first.device, first.dtype).eval().requires_grad_(False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse  # noqa: PLC0415
+
+    from . import WEIGHTS_DIR, card, load  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(prog="python -m diffrt.runtime.models.exits",
+                                     description="Train the digits DiT's exit heads (backbone frozen); ship them.")
+    parser.add_argument("--every", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(WEIGHTS_DIR))
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    den = load("digits-dit", weights_dir=args.out)
+    heads, record = train_exit_heads(den.model, den.schedule, args.every, args.steps, seed=args.seed)
+    save_exit_heads(heads, record, args.out)
+    log.info("wrote the exit heads into %s (card %s)", args.out, card("digits-dit", args.out)["exit_heads"]["file"])
+    return 0
+
+
+if __name__ == "__main__":
+    from diffrt.runtime.models.exits import main as package_main  # one module object, not __main__ + package
+
+    raise SystemExit(package_main())
