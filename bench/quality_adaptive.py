@@ -3,8 +3,9 @@
     python -m bench.quality_adaptive --out bench/results [--samples 1000] [--models digits-dit,digits-unet]
 
 Adaptive guidance: for each threshold of ``THRESHOLDS`` (cosine similarity between the conditional
-and unconditional predictions at which a sample drops its unconditional pass); step caching (the
-DiT only: first-block cache) for each of ``CACHE_THRESHOLDS``. Against the model cards' setting
+and unconditional predictions at which a sample drops its unconditional pass); the DiT only: step
+caching (first-block cache) for each of ``CACHE_THRESHOLDS`` and layer early exit (its shipped exit
+heads) for each of ``EXIT_THRESHOLDS``. Against the model cards' setting
 (DPM-Solver++(2M), 20 steps, CFG 3, the same noise): model evaluations or blocks saved, PSNR,
 class accuracy, digits-FID. Writes ``<device>-<date>-adaptive-guidance.json``, the Markdown table
 and a PNG of savings vs accuracy drop and FID change beside it.
@@ -17,10 +18,11 @@ from pathlib import Path
 import torch
 
 from bench import quality_common
-from diffrt.runtime import optimize
+from diffrt.runtime import models, optimize
 
 THRESHOLDS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
 CACHE_THRESHOLDS = (0.05, 0.1, 0.15, 0.2)
+EXIT_THRESHOLDS = (0.02, 0.05, 0.1, 0.2)
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
@@ -34,9 +36,11 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for model in sorted({r["model"] for r in rows}):
-        for saving, label in (("evaluations_saved", "adaptive guidance"), ("blocks_saved", "step cache")):
-            points = sorted((r[saving], r["accuracy_drop_points"], 100 * r["fid_change"])
-                            for r in rows if r["model"] == model and r.get(saving) is not None)
+        for prefix, saving in (("adaptive guidance", "evaluations_saved"), ("step cache", "blocks_saved"),
+                               ("early exit", "blocks_saved")):
+            label = prefix
+            points = sorted((r[saving], r["accuracy_drop_points"], 100 * r["fid_change"]) for r in rows
+                            if r["model"] == model and r["configuration"].startswith(prefix) and r.get(saving) is not None)
             if points:
                 left.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{model}, {label}")
                 right.plot([p[0] for p in points], [p[2] for p in points], "o-", label=f"{model}, {label}")
@@ -62,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
             if name == "digits-dit":
                 variants.update({f"step cache {t:g}": (lambda den, t=t: optimize(den, step_cache=t), None)
                                  for t in CACHE_THRESHOLDS})
+                if getattr(models.load(name).model, "exit_heads", None) is not None:
+                    variants.update({f"early exit {t:g}": (lambda den: den, None, {"early_exit": t})
+                                     for t in EXIT_THRESHOLDS})
             rows.extend(quality_common.compare_variants(name, args.samples, variants))
     table = quality_common.markdown(rows, (("evaluations saved", "evaluations_saved"),
                                            ("blocks saved", "blocks_saved"),

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -63,10 +63,13 @@ def compare_variants(name: str, samples: int, variants: dict[str, Variant]) -> l
 
 
 def _evaluations(stats: dict[str, Any]) -> dict[str, Any]:
-    """Model evaluations and the fraction saved (adaptive guidance), when the sampler counted them."""
-    if "evaluations" not in stats:
-        return {}
-    return {"evaluations": stats["evaluations"], "evaluations_saved": 1 - stats["evaluations"] / stats["cfg_evaluations"]}
+    """Model evaluations saved (adaptive guidance) and blocks saved (early exit), when the sampler counted them."""
+    out: dict[str, Any] = {}
+    if "evaluations" in stats:
+        out.update(evaluations=stats["evaluations"], evaluations_saved=1 - stats["evaluations"] / stats["cfg_evaluations"])
+    if stats.get("early_exit.blocks_full"):
+        out["blocks_saved"] = 1 - stats["early_exit.blocks_run"] / stats["early_exit.blocks_full"]
+    return out
 
 
 def _cache_numbers(candidate) -> dict[str, Any]:

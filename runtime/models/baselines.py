@@ -74,8 +74,10 @@ def sample_digits(den: Denoiser, labels: torch.Tensor, solver: str, steps: int, 
         chunks.append(sampler.sample(n.to(device, den.dtype or torch.float32), cond=y, uncond=uncond).float().cpu())
         if stats is not None:
             for key, value in sampler.stats.items():
-                if isinstance(value, (int, float)):
-                    stats[key] = stats.get(key, 0) + value
+                for name, number in (value.items() if isinstance(value, dict) else [(None, value)]):
+                    if isinstance(number, (int, float)) and not isinstance(number, bool):
+                        full_key = key if name is None else f"{key}.{name}"
+                        stats[full_key] = stats.get(full_key, 0) + number
     return torch.cat(chunks)
 
 
