@@ -2,8 +2,9 @@
 
 After every ``every`` blocks (not after the last: that is the full model) an exit has
 
-* an output head: the DiT's final layer shape (adaLN shift / scale from the conditioning, LayerNorm,
-  Linear to patch pixels), initialised from the trained final layer, giving g_i [B, C, H, W];
+* an output head: the DiT's final layer with its adaLN modulation shared (the trained one, frozen)
+  and its own LayerNorm affine and output Linear (initialised from the final layer's), giving
+  g_i [B, C, H, W]: about 1.5k parameters per exit, so the heads add little to the shipped weights;
 * an uncertainty head u_i = sigmoid(w_i . [mean over tokens of h_i, c] + b_i) in (0, 1), trained to
   predict tanh(mean |g_i - f|), the exit's error against the full model f.
 
@@ -63,8 +64,15 @@ class ExitHeads(nn.Module):
         if not self.depths:
             raise ValueError(f"every={every} leaves no exit before the last of {dit.num_blocks} blocks")
         self.every = every
-        self.outputs = nn.ModuleList(copy.deepcopy(dit.final_layer) for _ in self.depths)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim, eps=1e-6) for _ in self.depths)
+        self.outputs = nn.ModuleList(copy.deepcopy(dit.final_layer.linear) for _ in self.depths)
         self.uncertainty = nn.ModuleList(nn.Linear(2 * dim, 1) for _ in self.depths)
+
+    def predict(self, dit: DigitsDiT, index: int, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Exit ``index``'s prediction [B, C, H, W] from tokens h [B, L, D] (the final layer's modulation)."""
+        shift, scale = dit.final_layer.adaLN_modulation(c).chunk(2, dim=1)
+        normed = self.norms[index](h) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+        return dit.unpatchify(self.outputs[index](normed))
 
     def uncertainty_of(self, index: int, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.uncertainty[index](torch.cat([h.mean(dim=1), c], dim=1))).squeeze(1)
@@ -78,7 +86,7 @@ def forward_exits(dit: DigitsDiT, heads: ExitHeads, x, t, y) -> tuple[list[torch
         h = block(h, c)
         if depth in heads.depths:
             index = heads.depths.index(depth)
-            outputs.append(dit.unpatchify(heads.outputs[index](h, c)))
+            outputs.append(heads.predict(dit, index, h, c))
             uncertainties.append(heads.uncertainty_of(index, h, c))
     return outputs, uncertainties, dit.readout(h, c)
 
@@ -96,7 +104,7 @@ def exiting_forward(dit: DigitsDiT, state: ExitState, x, t, y) -> torch.Tensor:
             if float(heads.uncertainty_of(index, h, c).max()) < state.threshold:
                 state.blocks_run += depth
                 state.exits[depth] = state.exits.get(depth, 0) + 1
-                return dit.unpatchify(heads.outputs[index](h, c))
+                return heads.predict(dit, index, h, c)
     state.blocks_run += dit.num_blocks
     state.exits[dit.num_blocks] = state.exits.get(dit.num_blocks, 0) + 1
     return dit.readout(h, c)
@@ -133,7 +141,7 @@ def train_exit_heads(dit: DigitsDiT, schedule, every: int = 1, steps: int = 1500
             full = dit.readout(h, c)
         loss = torch.zeros(())
         for i, h_i in enumerate(hidden):
-            g = dit.unpatchify(heads.outputs[i](h_i, c))
+            g = heads.predict(dit, i, h_i, c)
             error = (g - full).abs().mean(dim=(1, 2, 3))
             loss = loss + F.mse_loss(g, full) + F.mse_loss(heads.uncertainty_of(i, h_i, c), torch.tanh(error.detach()))
         optimizer.zero_grad(set_to_none=True)
