@@ -3,7 +3,9 @@
     python -m bench.quality_adaptive --out bench/results [--samples 1000] [--models digits-dit,digits-unet]
 
 Adaptive guidance: for each threshold of ``THRESHOLDS`` (cosine similarity between the conditional
-and unconditional predictions at which a sample drops its unconditional pass); the DiT only: step
+and unconditional predictions at which a sample drops its unconditional pass); LinearAG (coefficients
+fitted on ``LINEAR_AG_SAMPLES`` trajectories of other noise) over the first half and over the whole
+trajectory, alone and with adaptive guidance; the DiT only: step
 caching (first-block cache) for each of ``CACHE_THRESHOLDS`` and layer early exit (its shipped exit
 heads) for each of ``EXIT_THRESHOLDS``. Against the model cards' setting
 (DPM-Solver++(2M), 20 steps, CFG 3, the same noise): model evaluations or blocks saved, PSNR,
@@ -18,11 +20,13 @@ from pathlib import Path
 import torch
 
 from bench import quality_common
-from diffrt.runtime import models, optimize
+from diffrt.runtime import Sampler, models, optimize
+from diffrt.runtime.linear_ag import fit_linear_ag
 
 THRESHOLDS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
 CACHE_THRESHOLDS = (0.05, 0.1, 0.15, 0.2)
 EXIT_THRESHOLDS = (0.02, 0.05, 0.1, 0.2)
+LINEAR_AG_SAMPLES, LINEAR_AG_SEED = 256, 4321  # the fit's trajectories (the evaluation uses the cards' seed)
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:
@@ -36,7 +40,8 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         return None
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for model in sorted({r["model"] for r in rows}):
-        for prefix, saving in (("adaptive guidance", "evaluations_saved"), ("step cache", "blocks_saved"),
+        for prefix, saving in (("adaptive guidance", "evaluations_saved"), ("linear ag", "evaluations_saved"),
+                               ("step cache", "blocks_saved"),
                                ("early exit", "blocks_saved")):
             label = prefix
             points = sorted((r[saving], r["accuracy_drop_points"], 100 * r["fid_change"]) for r in rows
@@ -54,6 +59,22 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
+def linear_ag_variants(name: str) -> dict:
+    """LinearAG every other step over the first half / the whole trajectory, and the first with AG."""
+    den = models.load(name)
+    sampler = Sampler(den, quality_common.SOLVER, quality_common.STEPS, guidance_scale=quality_common.GUIDANCE)
+    null = torch.full((1,), models.NULL_CLASS)
+    variants = {}
+    for until in (0.5, 1.0):
+        lag = fit_linear_ag(sampler, torch.arange(10), null, samples=LINEAR_AG_SAMPLES, seed=LINEAR_AG_SEED,
+                            until=until)
+        variants[f"linear ag every 2 until {until:g}"] = (lambda den: den, None, {"linear_ag": lag})
+        if until == 0.5:
+            variants["linear ag until 0.5 + adaptive guidance 0.99"] = (
+                lambda den: den, None, {"linear_ag": lag, "adaptive_guidance": 0.99})
+    return variants
+
+
 def main(argv: list[str] | None = None) -> int:
     args = quality_common.parser("python -m bench.quality_adaptive", __doc__.split("\n")[0],
                                  "digits-dit,digits-unet").parse_args(argv)
@@ -63,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models.split(","):
             variants = {f"adaptive guidance {t:g}": (lambda den: den, None, {"adaptive_guidance": t})
                         for t in THRESHOLDS}
+            variants.update(linear_ag_variants(name))
             if name == "digits-dit":
                 variants.update({f"step cache {t:g}": (lambda den, t=t: optimize(den, step_cache=t), None)
                                  for t in CACHE_THRESHOLDS})

@@ -47,6 +47,9 @@ class Sampler:
         adaptive_guidance: None, True (threshold ``DEFAULT_ADAPTIVE_THRESHOLD``) or a cosine-similarity
             threshold: a sample drops its unconditional pass once its conditional and unconditional
             predictions agree that closely (``sampler.stats`` reports the model evaluations saved).
+        linear_ag: fitted :class:`~diffrt.runtime.linear_ag.LinearAG` coefficients: at their steps the
+            unconditional pass is estimated from past predictions instead of evaluated (with or
+            without adaptive guidance; ``sampler.stats`` counts the evaluations saved).
         early_exit: None, True (``DEFAULT_EXIT_THRESHOLD``) or an uncertainty threshold: a model with
             exit heads stops at the first exit whose uncertainty is below it for the whole batch
             (``sampler.stats["early_exit"]`` reports the blocks saved).
@@ -57,9 +60,9 @@ class Sampler:
 
     def __init__(self, denoiser: Denoiser, solver: str = "dpmpp-2m", steps: int = 20,
                  guidance_scale: float | None = None, adaptive_guidance: Any = None, early_exit: Any = None,
-                 backend: str = "auto", **options: Any):
+                 linear_ag: Any = None, backend: str = "auto", **options: Any):
         plan = plan_for(solver, denoiser.schedule, steps, **options)
-        self._init(denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend)
+        self._init(denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend, linear_ag)
 
     @classmethod
     def from_plan(cls, denoiser: Denoiser, plan: SolverPlan, guidance_scale: float | None = None,
@@ -81,13 +84,21 @@ class Sampler:
         plan = plan_from_scheduler(scheduler, num_inference_steps, schedule=den.schedule, **step_options)
         return cls.from_plan(den, plan, guidance_scale, backend)
 
-    def _init(self, denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend) -> None:
+    def _init(self, denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend, linear_ag=None) -> None:
         self.early_exit = _early_exit_threshold(early_exit, denoiser)
         if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         self.adaptive_guidance = _adaptive_threshold(adaptive_guidance)
         if self.adaptive_guidance is not None and guidance_scale is None:
             raise ValueError("adaptive_guidance drops the unconditional pass of CFG: it needs a guidance_scale")
+        if linear_ag is not None:
+            if guidance_scale is None:
+                raise ValueError("linear_ag estimates the unconditional pass of CFG: it needs a guidance_scale")
+            if not hasattr(linear_ag, "estimate"):
+                raise TypeError(f"linear_ag must be a fitted LinearAG (diffrt.runtime.linear_ag.fit_linear_ag), "
+                                f"got {type(linear_ag).__name__}")
+            linear_ag.check_plan(plan)
+        self.linear_ag = linear_ag
         self.stats: dict[str, Any] = {}
         check_plan = getattr(denoiser, "check_plan", None)  # e.g. an INT8 calibration made for one plan
         if check_plan is not None:
@@ -154,7 +165,7 @@ class Sampler:
         if guided and uncond is None:
             raise ValueError("guidance_scale is set, so sample() needs uncond (the unconditional conditioning)")
         state = self.start(noise, generator)
-        if guided and self.adaptive_guidance is not None:
+        if guided and (self.adaptive_guidance is not None or self.linear_ag is not None):
             return self._sample_adaptive(state, cond, uncond, callback)
         model_cond = _cat_cond(uncond, cond) if guided else cond
         for i in range(self.plan.steps):
@@ -169,41 +180,53 @@ class Sampler:
         return state.x
 
     def _sample_adaptive(self, state: "SamplerState", cond: Any, uncond: Any, callback) -> torch.Tensor:
-        """Adaptive guidance: a sample keeps its unconditional pass until cos(cond, uncond prediction) >=
+        """Guidance that skips unconditional passes, counted in ``self.stats``.
+
+        Adaptive guidance: a sample keeps its unconditional pass until cos(cond, uncond prediction) >=
         the threshold, then runs conditional-only (uncond := cond, which the folded CFG step turns into
         the plain conditional step) for the rest of its trajectory. The unconditional rows of the model
         call are only the samples still guided (the batch is compacted); the decision stays on the
-        device, and one host read per step gives the compacted size. ``self.stats`` reports the NFEs."""
+        device, and one host read per step gives the compacted size. LinearAG: at its steps the
+        still-guided samples' unconditional predictions are estimated from the previous step's."""
         batch = state.x.shape[0]
         if not (torch.is_tensor(cond) and torch.is_tensor(uncond)):
             raise TypeError("adaptive guidance needs cond and uncond as tensors")
         uncond = uncond.expand(batch, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
         guided = torch.ones(batch, dtype=torch.bool, device=state.x.device)
-        evaluations, per_step = 0, []
+        evaluations, per_step, estimated_steps = 0, [], 0
+        previous: tuple[torch.Tensor, torch.Tensor] | None = None
         for i in range(self.plan.steps):
             x_in, t = self.model_inputs(state)
             rows = guided.nonzero().squeeze(1)
             active = int(rows.numel())  # the one host read of the step: the compacted batch size
-            if active:
+            estimate = active and previous is not None and self.linear_ag is not None and self.linear_ag.estimates(i)
+            if active and not estimate:
                 out = self.denoiser(torch.cat([x_in.index_select(0, rows), x_in]),
                                     torch.cat([t.index_select(0, rows), t]),
                                     torch.cat([uncond.index_select(0, rows), cond]))
                 out_guided_uncond, out_cond = out[:active], out[active:]
                 out_uncond = out_cond.index_copy(0, rows, out_guided_uncond)
-                similar = torch.nn.functional.cosine_similarity(
-                    out_guided_uncond.flatten(1).float(), out_cond.index_select(0, rows).flatten(1).float(), dim=1)
-                guided = guided.index_put((rows,), similar < self.adaptive_guidance)
+                if self.adaptive_guidance is not None:
+                    similar = torch.nn.functional.cosine_similarity(
+                        out_guided_uncond.flatten(1).float(), out_cond.index_select(0, rows).flatten(1).float(), dim=1)
+                    guided = guided.index_put((rows,), similar < self.adaptive_guidance)
+                evaluations += batch + active
             else:
                 out_cond = self.denoiser(x_in, t, cond)
                 out_uncond = out_cond
-            evaluations += batch + active
-            per_step.append(active)
+                if estimate:
+                    guess = self.linear_ag.estimate(i, out_cond, previous[0], previous[1], x_in)
+                    out_uncond = torch.where(guided.view(-1, *([1] * (out_cond.dim() - 1))), guess, out_cond)
+                    estimated_steps += 1
+                evaluations += batch
+            per_step.append(0 if estimate else active)
+            previous = (out_cond, out_uncond)
             self.step(state, out_cond, out_uncond)
             if callback is not None:
                 callback(i, state.x)
         full = 2 * batch * self.plan.steps
         self.stats = {"evaluations": evaluations, "cfg_evaluations": full, "saved_fraction": 1 - evaluations / full,
-                      "guided_per_step": per_step}
+                      "guided_per_step": per_step, "estimated_steps": estimated_steps}
         return state.x
 
     def start(self, noise: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None
