@@ -25,7 +25,7 @@ from diffrt.runtime.linear_ag import fit_linear_ag
 
 THRESHOLDS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
 CACHE_THRESHOLDS = (0.05, 0.1, 0.15, 0.2)
-EXIT_THRESHOLDS = (0.02, 0.05, 0.1, 0.2)
+EXIT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4)
 LINEAR_AG_SAMPLES, LINEAR_AG_SEED = 256, 4321  # the fit's trajectories (the evaluation uses the cards' seed)
 
 
