@@ -5,11 +5,11 @@
 Adaptive guidance: for each threshold of ``THRESHOLDS`` (cosine similarity between the conditional
 and unconditional predictions at which a sample drops its unconditional pass); LinearAG (coefficients
 fitted on ``LINEAR_AG_SAMPLES`` trajectories of other noise) over the first half and over the whole
-trajectory, alone and with adaptive guidance; the DiT only: step
-caching (first-block cache) for each of ``CACHE_THRESHOLDS`` and layer early exit (its shipped exit
-heads) for each of ``EXIT_THRESHOLDS``. Against the model cards' setting
-(DPM-Solver++(2M), 20 steps, CFG 3, the same noise): model evaluations or blocks saved, PSNR,
-class accuracy, digits-FID. Writes ``<device>-<date>-adaptive-guidance.json``, the Markdown table
+trajectory, alone and with adaptive guidance. The DiT only: step caching (first-block cache) for
+each of ``CACHE_THRESHOLDS``, and layer early exit with its shipped exit heads for each of
+``EXIT_THRESHOLDS`` (rows exit one by one) and at ``BATCH_EXIT_THRESHOLD`` for the whole batch.
+Against the model cards' setting (DPM-Solver++(2M), 20 steps, CFG 3, the same noise): model
+evaluations or blocks saved, PSNR, class accuracy, digits-FID. Writes ``<device>-<date>-adaptive-guidance.json``, the Markdown table
 and a PNG of savings vs accuracy drop and FID change beside it.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ from diffrt.runtime.linear_ag import fit_linear_ag
 
 THRESHOLDS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
 CACHE_THRESHOLDS = (0.05, 0.1, 0.15, 0.2)
-EXIT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4)
+EXIT_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4)  # per sample; and the whole batch at one threshold beside it
+BATCH_EXIT_THRESHOLD = 0.2
 LINEAR_AG_SAMPLES, LINEAR_AG_SEED = 256, 4321  # the fit's trajectories (the evaluation uses the cards' seed)
 
 
@@ -91,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 if getattr(models.load(name).model, "exit_heads", None) is not None:
                     variants.update({f"early exit {t:g}": (lambda den: den, None, {"early_exit": t})
                                      for t in EXIT_THRESHOLDS})
+                    variants[f"early exit (whole batch) {BATCH_EXIT_THRESHOLD:g}"] = (
+                        lambda den: den, None, {"early_exit": BATCH_EXIT_THRESHOLD, "early_exit_scope": "batch"})
             rows.extend(quality_common.compare_variants(name, args.samples, variants))
     table = quality_common.markdown(rows, (("evaluations saved", "evaluations_saved"),
                                            ("blocks saved", "blocks_saved"),

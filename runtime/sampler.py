@@ -50,9 +50,11 @@ class Sampler:
         linear_ag: fitted :class:`~diffrt.runtime.linear_ag.LinearAG` coefficients: at their steps the
             unconditional pass is estimated from past predictions instead of evaluated (with or
             without adaptive guidance; ``sampler.stats`` counts the evaluations saved).
-        early_exit: None, True (``DEFAULT_EXIT_THRESHOLD``) or an uncertainty threshold: a model with
-            exit heads stops at the first exit whose uncertainty is below it for the whole batch
+        early_exit: None, True (``DEFAULT_EXIT_THRESHOLD``) or an uncertainty threshold: in a model with
+            exit heads each row stops at the first exit whose uncertainty is below it
             (``sampler.stats["early_exit"]`` reports the blocks saved).
+        early_exit_scope: "sample" (rows exit one by one, the rest run compacted) or "batch" (the
+            batch stops together at the first exit where every row is confident: static shapes).
         backend: the solver-step backend ("auto", "reference", "cpu", "cuda").
         options: the scheduler class's options under diffusers' names (``use_karras_sigmas=True``,
             ``eta=0.5``, ...).
@@ -60,9 +62,9 @@ class Sampler:
 
     def __init__(self, denoiser: Denoiser, solver: str = "dpmpp-2m", steps: int = 20,
                  guidance_scale: float | None = None, adaptive_guidance: Any = None, early_exit: Any = None,
-                 linear_ag: Any = None, backend: str = "auto", **options: Any):
+                 linear_ag: Any = None, early_exit_scope: str = "sample", backend: str = "auto", **options: Any):
         plan = plan_for(solver, denoiser.schedule, steps, **options)
-        self._init(denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend, linear_ag)
+        self._init(denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend, linear_ag, early_exit_scope)
 
     @classmethod
     def from_plan(cls, denoiser: Denoiser, plan: SolverPlan, guidance_scale: float | None = None,
@@ -84,8 +86,12 @@ class Sampler:
         plan = plan_from_scheduler(scheduler, num_inference_steps, schedule=den.schedule, **step_options)
         return cls.from_plan(den, plan, guidance_scale, backend)
 
-    def _init(self, denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend, linear_ag=None) -> None:
+    def _init(self, denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend, linear_ag=None,
+              early_exit_scope: str = "sample") -> None:
         self.early_exit = _early_exit_threshold(early_exit, denoiser)
+        if early_exit_scope not in ("sample", "batch"):
+            raise ValueError(f"early_exit_scope must be 'sample' or 'batch', got {early_exit_scope!r}")
+        self.early_exit_scope = early_exit_scope
         if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         self.adaptive_guidance = _adaptive_threshold(adaptive_guidance)
@@ -150,7 +156,7 @@ class Sampler:
         if self.early_exit is not None:
             from .models import exits  # noqa: PLC0415
 
-            state = exits.ExitState(self.early_exit)
+            state = exits.ExitState(self.early_exit, per_sample=self.early_exit_scope == "sample")
             token = exits.ACTIVE.set(state)
             try:
                 x = self._sample(noise, cond, uncond, generator, callback)

@@ -1,5 +1,6 @@
 """Layer early exit for the digits DiT: the training script on a small budget, threshold 0 = the full
-model, a high threshold exits at the first head, and the blocks saved are counted."""
+model, a high threshold exits at the first head, rows exit one by one keeping their own trajectories,
+and the blocks saved are counted."""
 import pytest
 import torch
 from diffrt.runtime import Sampler, models
@@ -33,22 +34,55 @@ def test_training_is_seeded_and_saved(trained):
     assert set(den.model.state_dict()) == set(models.load("digits-dit").model.state_dict())  # heads kept apart
 
 
-def _sample(den, early_exit):
-    labels = torch.arange(4)
-    noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    sampler = Sampler(den, "dpmpp-2m", 5, guidance_scale=3.0, early_exit=early_exit)
+def _sample(den, early_exit, scope="sample", labels=(0, 1, 2, 3), seed=0):
+    labels = torch.tensor(labels)
+    noise = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+    sampler = Sampler(den, "dpmpp-2m", 5, guidance_scale=3.0, early_exit=early_exit, early_exit_scope=scope)
     x = sampler.sample(noise, cond=labels, uncond=torch.full_like(labels, models.NULL_CLASS))
     return x, sampler.stats.get("early_exit")
 
 
-def test_threshold_zero_is_the_full_model_and_one_exits_first(trained):
+@pytest.mark.parametrize("scope", ["sample", "batch"])
+def test_threshold_zero_is_the_full_model_and_one_exits_first(trained, scope):
     den, *_ = trained
     full, _ = _sample(den, None)
-    never, stats = _sample(den, 0.0)
-    assert torch.equal(never, full) and stats["blocks_saved_fraction"] == 0 and stats["exits"] == {6: 5}
-    first, stats = _sample(den, 1.0)
-    assert stats["exits"] == {2: 5} and stats["blocks_saved_fraction"] == pytest.approx(1 - 2 / 6)
+    never, stats = _sample(den, 0.0, scope)
+    rows = 5 * 8  # 5 steps, 4 conditional + 4 unconditional rows
+    assert torch.equal(never, full) and stats["blocks_saved_fraction"] == 0 and stats["exits"] == {6: rows}
+    first, stats = _sample(den, 1.0, scope)
+    assert stats["exits"] == {2: rows} and stats["blocks_saved_fraction"] == pytest.approx(1 - 2 / 6)
     assert not torch.equal(first, full)
+
+
+def _threshold_between_rows(den, labels):
+    """An uncertainty threshold that splits the rows of the first call at the first exit (some leave)."""
+    heads = den.model.exit_heads
+    x = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.full((len(labels),), 999.0)
+    with torch.no_grad():
+        h, c = den.model.embed(x, t, torch.tensor(labels))
+        for block in den.model.blocks[: heads.depths[0]]:
+            h = block(h, c)
+        u = heads.uncertainty_of(0, h, c).sort().values
+    return float((u[len(u) // 2 - 1] + u[len(u) // 2]) / 2)
+
+
+def test_rows_exit_one_by_one_and_each_keeps_its_own_trajectory():
+    den = models.load("digits-dit")  # the shipped heads
+    labels = (0, 3, 5, 8, 9, 1)
+    threshold = _threshold_between_rows(den, labels)
+    together, stats = _sample(den, threshold, labels=labels, seed=0)
+    assert len(stats["exits"]) >= 2  # rows left at different depths
+    assert 0 < stats["blocks_saved_fraction"] < 1
+    for i, label in enumerate(labels):
+        noise = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(0))[i:i + 1]
+        sampler = Sampler(den, "dpmpp-2m", 5, guidance_scale=3.0, early_exit=threshold)
+        y = torch.tensor([label])
+        alone = sampler.sample(noise, cond=y, uncond=torch.full_like(y, models.NULL_CLASS))
+        torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+    # the batch scope waits for the least confident row: it saves less at the same threshold
+    _, batch_stats = _sample(den, threshold, "batch", labels=labels, seed=0)
+    assert batch_stats["blocks_saved_fraction"] < stats["blocks_saved_fraction"]
 
 
 def test_early_exit_needs_heads_and_a_threshold():
@@ -58,5 +92,7 @@ def test_early_exit_needs_heads_and_a_threshold():
     den.model.attach_exit_heads(exits.ExitHeads(den.model, 3))
     with pytest.raises(ValueError, match="threshold in"):
         Sampler(den, "ddim", 4, early_exit=2.0)
+    with pytest.raises(ValueError, match="early_exit_scope"):
+        Sampler(den, "ddim", 4, early_exit=0.1, early_exit_scope="token")
     with pytest.raises(ValueError, match="no exit before the last"):
         exits.ExitHeads(den.model, 6)

@@ -12,10 +12,11 @@ After every ``every`` blocks (not after the last: that is the full model) an exi
 distribution: digits of the train split noised at uniform timesteps, labels dropped to the null class
 with p = 0.1): loss = sum_i mean (g_i - f)^2 + sum_i mean (u_i - tanh(mean |g_i - f|))^2.
 
-Inference (``Sampler(..., early_exit=threshold)`` sets :data:`ACTIVE`): the batch runs block by block
-and stops at the first exit whose largest uncertainty in the batch is below ``threshold`` (one host
-read per exit point), returning that exit's prediction; ``threshold`` 0 never exits (u > 0), so it is
-the full model. :class:`ExitState` counts the blocks run.
+Inference (``Sampler(..., early_exit=threshold)`` sets :data:`ACTIVE`): the batch runs block by block;
+at each exit the rows whose uncertainty is below ``threshold`` take that exit's prediction and leave,
+the others run on as a compacted batch (``early_exit_scope="batch"``: the whole batch stops at the
+first exit where every row is below it). One host read per exit point; ``threshold`` 0 never exits
+(u > 0), so it is the full model. :class:`ExitState` counts the blocks run per row.
 """
 from __future__ import annotations
 
@@ -39,13 +40,19 @@ ACTIVE = EARLY_EXIT  # the ExitState of the sampling in progress (dit.py reads i
 
 @dataclass
 class ExitState:
-    """The threshold of the sampling in progress and the blocks it ran."""
+    """The threshold of the sampling in progress, whether rows exit one by one (``per_sample``) or the
+    batch together, and the blocks run (counted per row: a row leaving at depth d ran d blocks)."""
 
     threshold: float
+    per_sample: bool = True
     calls: int = 0
     blocks_run: int = 0
     blocks_full: int = 0
-    exits: dict[int, int] = field(default_factory=dict)  # depth -> calls that stopped there
+    exits: dict[int, int] = field(default_factory=dict)  # depth -> rows that stopped there
+
+    def count(self, depth: int, rows: int) -> None:
+        self.blocks_run += depth * rows
+        self.exits[depth] = self.exits.get(depth, 0) + rows
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -92,22 +99,41 @@ def forward_exits(dit: DigitsDiT, heads: ExitHeads, x, t, y) -> tuple[list[torch
 
 
 def exiting_forward(dit: DigitsDiT, state: ExitState, x, t, y) -> torch.Tensor:
-    """The DiT's forward stopping at the first confident exit (module docstring)."""
+    """The DiT's forward stopping at the first confident exit (module docstring): per sample (the rows
+    that are confident leave, the rest run on compacted) or for the whole batch at once."""
     heads = dit.exit_heads
     h, c = dit.embed(x, t, y)
+    rows = torch.arange(h.shape[0], device=h.device)  # the rows still running, into the output
+    out: torch.Tensor | None = None
     state.calls += 1
-    state.blocks_full += dit.num_blocks
+    state.blocks_full += dit.num_blocks * h.shape[0]
     for depth, block in enumerate(dit.blocks, start=1):
         h = block(h, c)
-        if depth in heads.depths:
-            index = heads.depths.index(depth)
-            if float(heads.uncertainty_of(index, h, c).max()) < state.threshold:
-                state.blocks_run += depth
-                state.exits[depth] = state.exits.get(depth, 0) + 1
-                return heads.predict(dit, index, h, c)
-    state.blocks_run += dit.num_blocks
-    state.exits[dit.num_blocks] = state.exits.get(dit.num_blocks, 0) + 1
-    return dit.readout(h, c)
+        if depth not in heads.depths:
+            continue
+        index = heads.depths.index(depth)
+        confident = heads.uncertainty_of(index, h, c) < state.threshold
+        if not state.per_sample:
+            confident = confident.all().expand(confident.shape[0])
+        leaving = int(confident.sum())  # the one host read of the exit point
+        if not leaving:
+            continue
+        prediction = heads.predict(dit, index, h[confident], c[confident])
+        state.count(depth, leaving)
+        if leaving == rows.numel() and out is None:
+            return prediction
+        if out is None:
+            out = prediction.new_empty((rows.numel(), *prediction.shape[1:]))
+        out.index_copy_(0, rows[confident], prediction)
+        if leaving == rows.numel():
+            return out
+        staying = ~confident
+        h, c, rows = h[staying], c[staying], rows[staying]
+    prediction = dit.readout(h, c)
+    state.count(dit.num_blocks, rows.numel())
+    if out is None:
+        return prediction
+    return out.index_copy_(0, rows, prediction)
 
 
 def train_exit_heads(dit: DigitsDiT, schedule, every: int = 1, steps: int = 1500, batch_size: int = 64,
