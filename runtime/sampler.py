@@ -55,6 +55,8 @@ class Sampler:
             (``sampler.stats["early_exit"]`` reports the blocks saved).
         early_exit_scope: "sample" (rows exit one by one, the rest run compacted) or "batch" (the
             batch stops together at the first exit where every row is confident: static shapes).
+        early_exit_graphs: run the segments between exits as CUDA graphs (one per padded batch bucket;
+            eager off CUDA), the exit decision the one host step between them.
         backend: the solver-step backend ("auto", "reference", "cpu", "cuda").
         options: the scheduler class's options under diffusers' names (``use_karras_sigmas=True``,
             ``eta=0.5``, ...).
@@ -62,9 +64,11 @@ class Sampler:
 
     def __init__(self, denoiser: Denoiser, solver: str = "dpmpp-2m", steps: int = 20,
                  guidance_scale: float | None = None, adaptive_guidance: Any = None, early_exit: Any = None,
-                 linear_ag: Any = None, early_exit_scope: str = "sample", backend: str = "auto", **options: Any):
+                 linear_ag: Any = None, early_exit_scope: str = "sample", early_exit_graphs: bool = False,
+                 backend: str = "auto", **options: Any):
         plan = plan_for(solver, denoiser.schedule, steps, **options)
-        self._init(denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend, linear_ag, early_exit_scope)
+        self._init(denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend, linear_ag, early_exit_scope,
+                   early_exit_graphs)
 
     @classmethod
     def from_plan(cls, denoiser: Denoiser, plan: SolverPlan, guidance_scale: float | None = None,
@@ -87,11 +91,12 @@ class Sampler:
         return cls.from_plan(den, plan, guidance_scale, backend)
 
     def _init(self, denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend, linear_ag=None,
-              early_exit_scope: str = "sample") -> None:
+              early_exit_scope: str = "sample", early_exit_graphs: bool = False) -> None:
         self.early_exit = _early_exit_threshold(early_exit, denoiser)
         if early_exit_scope not in ("sample", "batch"):
             raise ValueError(f"early_exit_scope must be 'sample' or 'batch', got {early_exit_scope!r}")
         self.early_exit_scope = early_exit_scope
+        self.early_exit_graphs = bool(early_exit_graphs)
         if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         self.adaptive_guidance = _adaptive_threshold(adaptive_guidance)
@@ -156,7 +161,8 @@ class Sampler:
         if self.early_exit is not None:
             from .models import exits  # noqa: PLC0415
 
-            state = exits.ExitState(self.early_exit, per_sample=self.early_exit_scope == "sample")
+            state = exits.ExitState(self.early_exit, per_sample=self.early_exit_scope == "sample",
+                                    graphs=self.early_exit_graphs)
             token = exits.ACTIVE.set(state)
             try:
                 x = self._sample(noise, cond, uncond, generator, callback)

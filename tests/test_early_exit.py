@@ -96,3 +96,40 @@ def test_early_exit_needs_heads_and_a_threshold():
         Sampler(den, "ddim", 4, early_exit=0.1, early_exit_scope="token")
     with pytest.raises(ValueError, match="no exit before the last"):
         exits.ExitHeads(den.model, 6)
+
+
+def _padded_equals_plain(den, device):
+    labels = (0, 3, 5, 8, 9, 1)  # 12 rows with CFG: not a power of two, so the graph path pads
+    threshold = _threshold_between_rows(den, labels)
+    y = torch.tensor(labels, device=device)
+    noise = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(0)).to(device)
+    results = []
+    for graphs in (False, True):
+        sampler = Sampler(den, "dpmpp-2m", 5, guidance_scale=3.0, early_exit=threshold, early_exit_graphs=graphs)
+        results.append((sampler.sample(noise, cond=y, uncond=torch.full_like(y, models.NULL_CLASS)),
+                        sampler.stats["early_exit"]))
+    (plain, plain_stats), (segmented, segmented_stats) = results
+    assert len(plain_stats["exits"]) >= 2 and segmented_stats == plain_stats
+    torch.testing.assert_close(segmented, plain, rtol=1e-4, atol=1e-4)
+    return exits.exit_segments(den.model, True)
+
+
+def test_segment_runners_pad_compacted_batches_and_equal_the_plain_exit():
+    segments = _padded_equals_plain(models.load("digits-dit"), "cpu")
+    assert segments.bounds == [0, 1, 2, 3, 4, 5, 6]
+    h = torch.randn(3, 64, 256)
+    c = torch.randn(3, 256)
+    padded = segments.run(0, h, c)
+    alone = [segments.functions[0](h[i:i + 1], c[i:i + 1]) for i in range(3)]
+    for got, *rows in zip(padded, *alone):
+        assert got.shape[0] == 3
+        torch.testing.assert_close(got, torch.cat(rows), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_segment_graphs_replay_on_cuda():
+    den = models.load("digits-dit", device="cuda")
+    segments = _padded_equals_plain(den, "cuda")
+    buckets = [len(runner.timings) for runner in segments.functions]  # captured shapes per segment
+    assert buckets[0] == 1 and max(buckets) <= 5  # 12 rows pad to 16; compacted ones to 8, 4, 2, 1
+    assert sum(t.replays for runner in segments.functions for t in runner.timings.values()) > 0

@@ -45,6 +45,7 @@ class ExitState:
 
     threshold: float
     per_sample: bool = True
+    graphs: bool = False  # segments between exits as CUDA graphs (:class:`ExitSegments`)
     calls: int = 0
     blocks_run: int = 0
     blocks_full: int = 0
@@ -98,27 +99,85 @@ def forward_exits(dit: DigitsDiT, heads: ExitHeads, x, t, y) -> tuple[list[torch
     return outputs, uncertainties, dit.readout(h, c)
 
 
+class ExitSegments:
+    """The DiT cut at its exits: segment k runs blocks (d_{k-1}, d_k] and returns the tokens and exit k's
+    uncertainty (with ``graphs``, also exit k's prediction for every row, so that the decision between
+    segments is the only host step); the last segment runs the remaining blocks and the final layer.
+
+    With ``graphs`` each segment is a :class:`~diffrt.runtime.graphs.GraphRunner` (CUDA graphs on CUDA
+    tensors, eager elsewhere) and compacted batches are padded to the next power of two, so a batch of
+    B rows captures at most log2(B) + 1 buckets per segment.
+    """
+
+    def __init__(self, dit: DigitsDiT, heads: "ExitHeads", graphs: bool = False):
+        self.dit, self.heads, self.graphs = dit, heads, graphs
+        self.bounds = [0, *heads.depths, dit.num_blocks]
+        functions = [self._exit_segment(k) for k in range(len(heads.depths))] + [self._last_segment]
+        if graphs:
+            from ..graphs import GraphRunner  # noqa: PLC0415
+
+            functions = [GraphRunner(f) for f in functions]
+        self.functions = functions
+
+    def _blocks(self, k: int, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        for block in self.dit.blocks[self.bounds[k]:self.bounds[k + 1]]:
+            h = block(h, c)
+        return h
+
+    def _exit_segment(self, k: int):
+        def segment(h, c):
+            h = self._blocks(k, h, c)
+            u = self.heads.uncertainty_of(k, h, c)
+            return (h, u, self.heads.predict(self.dit, k, h, c)) if self.graphs else (h, u)
+        segment.__name__ = f"exit_segment_{k}"
+        return segment
+
+    def _last_segment(self, h, c):
+        return self.dit.readout(self._blocks(len(self.heads.depths), h, c), c)
+
+    def run(self, k: int, h: torch.Tensor, c: torch.Tensor):
+        """Segment ``k`` on rows h [n, L, D], c [n, D] (padded to the graph bucket and cut back)."""
+        n = h.shape[0]
+        if not self.graphs or n & (n - 1) == 0:
+            return self.functions[k](h, c)
+        bucket = 1 << n.bit_length()
+        pad = bucket - n
+        outputs = self.functions[k](torch.cat([h, h[:1].expand(pad, *h.shape[1:])]),
+                                    torch.cat([c, c[:1].expand(pad, *c.shape[1:])]))
+        if torch.is_tensor(outputs):
+            return outputs[:n]
+        return tuple(o[:n] for o in outputs)
+
+
+def exit_segments(dit: DigitsDiT, graphs: bool) -> ExitSegments:
+    """The DiT's :class:`ExitSegments` (kept with its heads, so graphs are captured once)."""
+    heads = dit.exit_heads
+    cache = heads.__dict__.setdefault("_segments", {})
+    if graphs not in cache:
+        cache[graphs] = ExitSegments(dit, heads, graphs)
+    return cache[graphs]
+
+
 def exiting_forward(dit: DigitsDiT, state: ExitState, x, t, y) -> torch.Tensor:
     """The DiT's forward stopping at the first confident exit (module docstring): per sample (the rows
-    that are confident leave, the rest run on compacted) or for the whole batch at once."""
+    that are confident leave, the rest run on compacted) or for the whole batch at once. Segments
+    between exits run as CUDA graphs when ``state.graphs``; one host read decides between them."""
     heads = dit.exit_heads
+    segments = exit_segments(dit, state.graphs)
     h, c = dit.embed(x, t, y)
     rows = torch.arange(h.shape[0], device=h.device)  # the rows still running, into the output
     out: torch.Tensor | None = None
     state.calls += 1
     state.blocks_full += dit.num_blocks * h.shape[0]
-    for depth, block in enumerate(dit.blocks, start=1):
-        h = block(h, c)
-        if depth not in heads.depths:
-            continue
-        index = heads.depths.index(depth)
-        confident = heads.uncertainty_of(index, h, c) < state.threshold
+    for index, depth in enumerate(heads.depths):
+        h, u, *predicted = segments.run(index, h, c)
+        confident = u < state.threshold
         if not state.per_sample:
             confident = confident.all().expand(confident.shape[0])
         leaving = int(confident.sum())  # the one host read of the exit point
         if not leaving:
             continue
-        prediction = heads.predict(dit, index, h[confident], c[confident])
+        prediction = predicted[0][confident] if predicted else heads.predict(dit, index, h[confident], c[confident])
         state.count(depth, leaving)
         if leaving == rows.numel() and out is None:
             return prediction
@@ -129,7 +188,7 @@ def exiting_forward(dit: DigitsDiT, state: ExitState, x, t, y) -> torch.Tensor:
             return out
         staying = ~confident
         h, c, rows = h[staying], c[staying], rows[staying]
-    prediction = dit.readout(h, c)
+    prediction = segments.run(len(heads.depths), h, c)
     state.count(dit.num_blocks, rows.numel())
     if out is None:
         return prediction
@@ -181,7 +240,6 @@ def train_exit_heads(dit: DigitsDiT, schedule, every: int = 1, steps: int = 1500
               "objective": "sum_i MSE(g_i, f) + MSE(u_i, tanh(mean|g_i - f|)), backbone frozen"}
     log.info("exit heads: depths %s, final loss %.5f", heads.depths, record["final_loss"])
     return heads, record
-
 
 
 EXITS_FILE = "digits-dit-exits.safetensors"
