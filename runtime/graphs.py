@@ -106,12 +106,27 @@ def _map(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return type(value)(_map(v, fn) for v in value)
 
 
-class GraphDenoiser(Denoiser):
-    """A Denoiser whose model call replays a CUDA graph per bucket (``cond`` a tensor or None)."""
+def pad_rows(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], int]:
+    """Tensors [n, ...] padded to the next power of two rows (repeating row 0), and n."""
+    n = tensors[0].shape[0]
+    if n & (n - 1) == 0:
+        return tensors, n
+    pad = (1 << n.bit_length()) - n
+    return tuple(torch.cat([t, t[:1].expand(pad, *t.shape[1:])]) for t in tensors), n
 
-    def __init__(self, base: Denoiser, warmup: int = 2):
+
+class GraphDenoiser(Denoiser):
+    """A Denoiser whose model call replays a CUDA graph per bucket (``cond`` a tensor or None).
+
+    ``pad_batches``: batches are padded to the next power of two rows, so batch sizes that change
+    from call to call (adaptive guidance's compacted unconditional rows) replay a few graphs instead
+    of capturing one per size; the padding rows' outputs are dropped.
+    """
+
+    def __init__(self, base: Denoiser, warmup: int = 2, pad_batches: bool = False):
         super().__init__(base.model, base.schedule, sample_shape=base.sample_shape, call=base._call, dtype=base.dtype)
         self.base = base
+        self.pad_batches = pad_batches
         self.runner = GraphRunner(self._forward, warmup=warmup)
         self.runner_uncond = GraphRunner(lambda x, t: self._forward(x, t, None), warmup=warmup)
 
@@ -120,11 +135,16 @@ class GraphDenoiser(Denoiser):
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0]).contiguous()
-        if cond is None:
-            return self.runner_uncond(x, t)
-        if not torch.is_tensor(cond):
+        if cond is not None and not torch.is_tensor(cond):
             raise TypeError("a graph-captured denoiser takes cond as a tensor")
-        return self.runner(x, t, cond)
+        n = x.shape[0]
+        if self.pad_batches and cond is not None and cond.dim() > 0 and cond.shape[0] == 1 < n:
+            cond = cond.expand(n, *cond.shape[1:])  # one condition for all rows: pad it as a batch
+        inputs = (x, t) if cond is None else (x, t, cond)
+        if self.pad_batches:
+            inputs, n = pad_rows(inputs)
+        out = (self.runner_uncond if cond is None else self.runner)(*inputs)
+        return out[:n] if out.shape[0] != n else out
 
     def check_plan(self, plan) -> None:
         check = getattr(self.base, "check_plan", None)
@@ -132,9 +152,10 @@ class GraphDenoiser(Denoiser):
             check(plan)
 
 
-def graph_denoiser(den: Denoiser, warmup: int = 2) -> GraphDenoiser:
-    """``den`` with its model call captured per shape bucket (module docstring)."""
-    return GraphDenoiser(den, warmup)
+def graph_denoiser(den: Denoiser, warmup: int = 2, pad_batches: bool = False) -> GraphDenoiser:
+    """``den`` with its model call captured per shape bucket (module docstring; ``pad_batches``:
+    power-of-two batch buckets, for adaptive guidance)."""
+    return GraphDenoiser(den, warmup, pad_batches)
 
 
 def capture_sampling(sampler, noise: torch.Tensor, cond: Any = None, uncond: Any = None) -> GraphRunner:

@@ -81,3 +81,18 @@ def test_adaptive_guidance_needs_guidance_and_a_sane_threshold(dit):
     with pytest.raises(ValueError, match="cosine-similarity threshold"):
         Sampler(dit, "ddim", 4, guidance_scale=2.0, adaptive_guidance="sometimes")
     assert Sampler(dit, "ddim", 4, guidance_scale=2.0, adaptive_guidance=True).adaptive_guidance == 0.99
+
+
+def test_padded_batch_buckets_keep_adaptive_guidance_exact(dit):
+    """graph_denoiser(pad_batches=True) pads each call to a power-of-two batch (eager off CUDA): the
+    compacted unconditional rows change the batch from step to step, the samples must not change."""
+    from diffrt.runtime.graphs import graph_denoiser, pad_rows
+
+    labels = torch.tensor([0, 3, 5, 8, 9])
+    noise = torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    plain = Sampler(dit, "dpmpp-2m", 12, guidance_scale=3.0, adaptive_guidance=0.97)
+    padded = Sampler(graph_denoiser(dit, pad_batches=True), "dpmpp-2m", 12, guidance_scale=3.0, adaptive_guidance=0.97)
+    torch.testing.assert_close(_sample(padded, noise, labels), _sample(plain, noise, labels), rtol=1e-4, atol=1e-4)
+    assert padded.stats == plain.stats and len(set(plain.stats["guided_per_step"])) > 1
+    (a, b), n = pad_rows((torch.arange(6), torch.arange(6) * 2))
+    assert n == 6 and a.tolist() == [0, 1, 2, 3, 4, 5, 0, 0] and b.tolist() == [0, 2, 4, 6, 8, 10, 0, 0]

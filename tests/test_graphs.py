@@ -70,3 +70,20 @@ def test_a_graph_captured_stream_tick_equals_the_eager_tick():
         outputs.append([pipe.tick(f).image for f in frames][2:])
     for eager, replayed in zip(*outputs):
         torch.testing.assert_close(replayed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_adaptive_guidance_replays_power_of_two_buckets():
+    den = models.load("digits-dit", device="cuda")
+    labels = torch.arange(10, device="cuda")
+    uncond = torch.full_like(labels, models.NULL_CLASS)
+    noise = torch.randn(10, 1, 16, 16, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        eager = Sampler(den, "dpmpp-2m", 12, guidance_scale=3.0, adaptive_guidance=0.97)
+        expected = eager.sample(noise, cond=labels, uncond=uncond)
+        graphed = graph_denoiser(den, pad_batches=True)
+        sampler = Sampler(graphed, "dpmpp-2m", 12, guidance_scale=3.0, adaptive_guidance=0.97)
+        got = sampler.sample(noise, cond=labels, uncond=uncond)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    sizes = {10 + n for n in sampler.stats["guided_per_step"]}  # 10 conditional + the guided rows
+    assert len(sizes) > 2  # the batch changed size several times ...
+    assert len(graphed.runner.timings) <= 2  # ... yet 10..20 rows replay two buckets: 16 and 32

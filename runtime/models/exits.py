@@ -137,13 +137,12 @@ class ExitSegments:
 
     def run(self, k: int, h: torch.Tensor, c: torch.Tensor):
         """Segment ``k`` on rows h [n, L, D], c [n, D] (padded to the graph bucket and cut back)."""
-        n = h.shape[0]
-        if not self.graphs or n & (n - 1) == 0:
+        if not self.graphs:
             return self.functions[k](h, c)
-        bucket = 1 << n.bit_length()
-        pad = bucket - n
-        outputs = self.functions[k](torch.cat([h, h[:1].expand(pad, *h.shape[1:])]),
-                                    torch.cat([c, c[:1].expand(pad, *c.shape[1:])]))
+        from ..graphs import pad_rows  # noqa: PLC0415
+
+        (h, c), n = pad_rows((h, c))
+        outputs = self.functions[k](h, c)
         if torch.is_tensor(outputs):
             return outputs[:n]
         return tuple(o[:n] for o in outputs)
