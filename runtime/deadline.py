@@ -8,6 +8,10 @@ The ladder is the user's quality floor: only the rungs in ``allow`` are ever tak
 * ``"residual-guidance"``: full or initialize CFG -> residual CFG "self" (no unconditional rows;
   noise-prediction models only, else the rung is passed over);
 * ``"no-guidance"``: CFG off;
+* ``"exit-earlier"``: layer early exit at ``exit_threshold`` (a model with exit heads, e.g. the digits
+  DiT; passed over for other models and for graph-captured ticks, whose exits would need a host read);
+* ``"more-caching"``: the step cache's threshold raised to ``cache_threshold`` (a denoiser made with
+  ``optimize(den, step_cache=...)``; passed over otherwise);
 * ``"more-skips"``: the similarity filter at ``skip_threshold`` (more near-identical frames reuse the
   previous output).
 
@@ -25,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-LADDER = ("residual-guidance", "no-guidance", "more-skips")
+LADDER = ("residual-guidance", "no-guidance", "exit-earlier", "more-caching", "more-skips")
 
 
 @dataclass
@@ -35,6 +39,8 @@ class DeadlinePolicy:
     patience: int = 3
     recover_below: float = 0.6
     skip_threshold: float = 0.95
+    exit_threshold: float = 0.3
+    cache_threshold: float = 0.2
     clock: Callable[[], float] = time.perf_counter  # seconds; tests pass a simulated clock
     level: int = 0  # how many rungs of ``allow`` are in force
     changes: list[tuple[int, str | None]] = field(default_factory=list)
@@ -61,7 +67,9 @@ class DeadlinePolicy:
             torch.cuda.synchronize(pipe.device)
         elapsed_ms = 1e3 * (self.clock() - started)
         if self._original is None:
-            self._original = {"cfg_type": pipe.cfg_type, "similarity_threshold": pipe.similarity_threshold}
+            cache = getattr(pipe.den, "step_cache", None)
+            self._original = {"cfg_type": pipe.cfg_type, "similarity_threshold": pipe.similarity_threshold,
+                              "early_exit": pipe.early_exit, "cache_threshold": None if cache is None else cache.threshold}
         if elapsed_ms > self.budget_ms:
             self._over, self._under = self._over + 1, 0
             if self._over >= self.patience and self.level < len(self.allow):
@@ -83,6 +91,10 @@ class DeadlinePolicy:
     def _apply(self, pipe) -> None:
         original = self._original
         pipe.cfg_type, pipe.similarity_threshold = original["cfg_type"], original["similarity_threshold"]
+        pipe.early_exit = original.get("early_exit")
+        cache = getattr(pipe.den, "step_cache", None)
+        if cache is not None and original.get("cache_threshold") is not None:
+            cache.threshold = original["cache_threshold"]
         for rung in self.allow[: self.level]:
             if rung == "residual-guidance" and pipe.cfg_type in ("full", "initialize") and \
                     pipe.den.prediction_type == "epsilon":
@@ -90,6 +102,10 @@ class DeadlinePolicy:
                 pipe.stock_noise = pipe.init_noise.clone()
             elif rung == "no-guidance":
                 pipe.cfg_type = "none"
+            elif rung == "exit-earlier" and pipe.supports_early_exit:
+                pipe.early_exit = max(pipe.early_exit or 0.0, self.exit_threshold)
+            elif rung == "more-caching" and cache is not None:
+                cache.threshold = max(cache.threshold, self.cache_threshold)
             elif rung == "more-skips":
                 current = pipe.similarity_threshold
                 pipe.similarity_threshold = self.skip_threshold if current is None else min(current,

@@ -33,11 +33,13 @@ a skipped frame returns the previous output without a model call, at most ``max_
 row. Queues: :meth:`start` runs ticks on a worker thread fed by :meth:`submit` (a bounded queue:
 it blocks, or raises queue.Full after ``timeout``); :meth:`get` returns results in order;
 :meth:`close` drains the frames in flight (n - 1 bubble ticks) so none is lost. ``deadline``
-(:class:`~diffrt.runtime.deadline.DeadlinePolicy`) degrades guidance and skipping to keep a
-per-frame time budget instead of dropping frames.
+(:class:`~diffrt.runtime.deadline.DeadlinePolicy`) degrades guidance, layers, caching and skipping
+to keep a per-frame time budget instead of dropping frames. ``early_exit`` (an uncertainty threshold)
+runs a model with exit heads through layer early exit (not with ``cuda_graphs``); ``exit_stats``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -89,7 +91,8 @@ class StreamPipeline:
                  decode: Callable | None = None, similarity_threshold: float | None = None, max_skip_frames: int = 10,
                  queue_size: int = 8, seed: int = 0, original_inference_steps: int = 50,
                  timestep_scaling: float = 10.0, latent_shape: tuple[int, ...] | None = None,
-                 device: torch.device | str | None = None, cuda_graphs: bool = False, deadline: Any = None):
+                 device: torch.device | str | None = None, cuda_graphs: bool = False, deadline: Any = None,
+                 early_exit: float | None = None):
         if cfg_type not in CFG_TYPES:
             raise ValueError(f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {cfg_type!r}")
         if cfg_type != "none" and uncond is None and cfg_type != "self":
@@ -125,6 +128,12 @@ class StreamPipeline:
         self.skip_generator = torch.Generator().manual_seed(seed + 1)
         self.stats = StreamStats()
         self.deadline = deadline  # a diffrt.runtime.deadline.DeadlinePolicy, or None
+        self.cuda_graphs = cuda_graphs
+        if early_exit is not None and not self.supports_early_exit:
+            raise ValueError("early_exit needs a model with exit heads and a tick that is not graph-captured "
+                             "(an exit decision is a host read)")
+        self.early_exit = early_exit  # layer early exit's uncertainty threshold (None: off); see exit_stats
+        self._exit_state = None
         self._run_tick = self._tick_tensors
         if cuda_graphs:  # the whole tick (VAE encode, model, solver arithmetic, decode) as one graph
             from .graphs import GraphRunner  # noqa: PLC0415
@@ -242,7 +251,7 @@ class StreamPipeline:
         cond_rows = self._conds(conds)
         started = self.deadline.start() if self.deadline is not None else None
         rung = None if self.deadline is None else self.deadline.rung
-        with torch.no_grad():
+        with torch.no_grad(), self._exits():
             image, self.buffer, self.stock_noise = self._run_tick(entry, self.buffer, self.stock_noise,
                                                                   *([] if cond_rows is None else [cond_rows]))
         self.stats.model_calls += 1
@@ -254,6 +263,32 @@ class StreamPipeline:
             return StreamResult(None, None, False)
         self.previous_output = image
         return StreamResult(ids[-1], image, True, degradation=rung)
+
+    @property
+    def supports_early_exit(self) -> bool:
+        """Whether layer early exit can run here: a model with exit heads, a tick not graph-captured."""
+        return getattr(getattr(self.den, "model", None), "exit_heads", None) is not None and not self.cuda_graphs
+
+    @property
+    def exit_stats(self) -> dict[str, Any] | None:
+        """Blocks run and saved by early exit over the ticks that used it (None: never used)."""
+        return None if self._exit_state is None else self._exit_state.stats
+
+    @contextlib.contextmanager
+    def _exits(self):
+        if self.early_exit is None:
+            yield
+            return
+        from .models import exits  # noqa: PLC0415
+
+        if self._exit_state is None:
+            self._exit_state = exits.ExitState(self.early_exit)
+        self._exit_state.threshold = self.early_exit
+        token = exits.ACTIVE.set(self._exit_state)
+        try:
+            yield
+        finally:
+            exits.ACTIVE.reset(token)
 
     def _skip(self, frame: torch.Tensor | None) -> bool:
         if self.similarity_threshold is None or frame is None or self.previous_output is None:

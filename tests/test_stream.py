@@ -280,3 +280,74 @@ def test_deadline_respects_the_quality_floor_and_recovers():
     assert relaxed.level == 0 and pipe.cfg_type == "full" and relaxed.changes == [(2, None)]  # back to full CFG
     with pytest.raises(ValueError, match="allow a subset"):
         DeadlinePolicy(budget_ms=10, allow=("fewer-layers",))
+
+
+class BlockClock:
+    """Time that passes only when transformer blocks run: ms_per_block per block call on the batch."""
+
+    def __init__(self, model, ms_per_block: float):
+        self.now, self.ms_per_block = 0.0, ms_per_block
+        self.handles = [block.register_forward_hook(self._tick) for block in model.blocks]
+
+    def _tick(self, *_):
+        self.now += self.ms_per_block / 1e3
+
+    def __call__(self) -> float:
+        return self.now
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def test_deadline_exits_earlier_on_a_model_with_exit_heads():
+    from diffrt.runtime.deadline import DeadlinePolicy
+
+    den = models.load("digits-dit")  # shipped exit heads after blocks 1-5
+    clock = BlockClock(den.model, ms_per_block=10)  # one call of 6 blocks a tick: 60 ms > 45 ms
+    policy = DeadlinePolicy(budget_ms=45, patience=2, allow=("exit-earlier",), exit_threshold=1.0, recover_below=0.1,
+                            clock=clock)  # 10 ms after exiting is not under 4.5 ms: it stays degraded
+    try:
+        pipe = StreamPipeline(den, t_index_list=STAGES, cond=torch.tensor(3), deadline=policy)
+        results = [pipe.tick(f) for f in _frames(6, seed=8)]
+    finally:
+        clock.remove()
+    assert policy.rung == "exit-earlier" and pipe.early_exit == 1.0 and policy.changes == [(2, "exit-earlier")]
+    # threshold 1 exits every row (one per stage) at the first head: 1 of 6 blocks in ticks 3-6
+    assert pipe.exit_stats["exits"] == {1: len(STAGES) * 4} and pipe.exit_stats["blocks_saved_fraction"] == pytest.approx(5 / 6)
+    assert all(r.ready for r in results[len(STAGES) - 1:]) and results[-1].degradation == "exit-earlier"
+    graphed = StreamPipeline(den, t_index_list=STAGES, cond=torch.tensor(3), cuda_graphs=True)
+    assert not graphed.supports_early_exit  # a graph-captured tick cannot read the exit decision
+    with pytest.raises(ValueError, match="exit heads"):
+        StreamPipeline(models.load("digits-unet"), t_index_list=STAGES, cond=torch.tensor(3), early_exit=0.2)
+
+
+class SteppingClock:
+    """Every reading is ``ms`` later than the last: each tick takes ``ms``."""
+
+    def __init__(self, ms: float):
+        self.now, self.ms = 0.0, ms
+
+    def __call__(self) -> float:
+        self.now += self.ms / 1e3
+        return self.now
+
+
+def test_deadline_caches_more_on_a_step_cached_model_and_steps_back():
+    from diffrt.runtime import optimize
+    from diffrt.runtime.deadline import DeadlinePolicy
+
+    fast = optimize(models.load("digits-dit"), step_cache=0.01)
+    clock = SteppingClock(50)
+    policy = DeadlinePolicy(budget_ms=10, patience=1, allow=("more-caching", "residual-guidance"),
+                            cache_threshold=0.5, clock=clock)
+    pipe = StreamPipeline(fast, t_index_list=STAGES, cond=torch.tensor(3), deadline=policy)
+    for frame in _frames(2, seed=9):
+        pipe.tick(frame)
+    assert policy.changes == [(1, "more-caching"), (2, "residual-guidance")]
+    # residual CFG needs noise predictions (this DiT predicts v): passed over; caching stays raised
+    assert fast.step_cache.threshold == 0.5 and pipe.cfg_type == "none"
+    clock.ms = 1  # fast again: step back rung by rung, the cache threshold restored
+    for frame in _frames(2, seed=10):
+        pipe.tick(frame)
+    assert policy.level == 0 and fast.step_cache.threshold == 0.01
