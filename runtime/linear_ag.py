@@ -178,6 +178,7 @@ def fit_linear_ag(sampler, cond: torch.Tensor, uncond: torch.Tensor, samples: in
         residual[i] = float(error.clamp_min(0).sqrt() / target[i].sqrt())
     record = {"samples": samples, "seed": seed, "guidance_scale": sampler.guidance_scale,
               "relative_residual_per_step": residual}
+    fitted = LinearAG.for_plan(coefficients, chosen, sampler.plan, record)
     log.info("LinearAG fitted on %d trajectories; relative residual at the estimated steps: %s", samples,
-             ", ".join(f"{i}: {residual[i]:.3f}" for i in chosen))
-    return LinearAG.for_plan(coefficients, chosen, sampler.plan, record)
+             ", ".join(f"{i}: {residual[i]:.3f}" for i in fitted.estimated_steps))
+    return fitted

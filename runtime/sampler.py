@@ -211,7 +211,7 @@ class Sampler:
             x_in, t = self.model_inputs(state)
             rows = guided.nonzero().squeeze(1)
             active = int(rows.numel())  # the one host read of the step: the compacted batch size
-            estimate = active and previous is not None and self.linear_ag is not None and self.linear_ag.estimates(i)
+            estimate = bool(active) and previous is not None and self.linear_ag is not None and self.linear_ag.estimates(i)
             if active and not estimate:
                 out = self.denoiser(torch.cat([x_in.index_select(0, rows), x_in]),
                                     torch.cat([t.index_select(0, rows), t]),
