@@ -135,6 +135,8 @@ def fit_linear_ag(sampler, cond: torch.Tensor, uncond: torch.Tensor, samples: in
         raise ValueError(f"samples must be >= 1, got {samples}")
     steps = sampler.plan.steps
     chosen = default_estimated_steps(steps, every, until) if estimated_steps is None else tuple(estimated_steps)
+    if any(not 1 <= int(i) < steps for i in chosen):
+        raise ValueError(f"estimated steps must lie in [1, {steps}) (step 0 has no past), got {chosen}")
     den = sampler.denoiser
     shape = tuple(den.sample_shape)
     gram = torch.zeros(steps, N_TERMS, N_TERMS, dtype=torch.float64)

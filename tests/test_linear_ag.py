@@ -88,6 +88,9 @@ def test_coefficients_round_trip_and_refuse_another_plan(tmp_path):
         Sampler(den, "dpmpp-2m", 6, linear_ag=back)
     with pytest.raises(TypeError, match="fitted LinearAG"):
         Sampler(den, "dpmpp-2m", 6, guidance_scale=3.0, linear_ag={"steps": 6})
+    with pytest.raises(ValueError, match="no past"):  # before any trajectory is run
+        fit_linear_ag(Sampler(den, "dpmpp-2m", 6, guidance_scale=3.0), torch.ones(1), torch.zeros(1),
+                      estimated_steps=(0, 3))
     with pytest.raises(FileNotFoundError):
         LinearAG.load(tmp_path / "missing.json")
 
