@@ -1,6 +1,7 @@
 """What W8A8 INT8 costs in sample quality on the digits models, per calibration choice.
 
     python -m bench.quality_int8 --out bench/results [--samples 1000] [--models digits-dit,digits-unet]
+                                 [--variants g1,auto,steps,g1-sq,auto-sq,dynamic]
 
 Per model: the fp32 samples (DPM-Solver++(2M), 20 steps, CFG 3, the model cards' noise), then
 W8A8 with activation scales per timestep group, calibrated on that plan (``CALIBRATION``: every
@@ -23,13 +24,13 @@ from diffrt.runtime import models, optimize
 
 SEEDS = (100, 101, 102, 103)  # calibration noise: other seeds than the evaluation's
 CALIBRATION = {"guidance_scale": quality_common.GUIDANCE, "method": "mse"}
-VARIANTS = {
-    "W8A8 G=1 (shared scales)": {"groups": 1},
-    "W8A8 G=auto": {"groups": "auto"},
-    "W8A8 G=steps": {"groups": "steps"},
-    "W8A8 G=1 SmoothQuant 0.5": {"groups": 1, "smoothquant": 0.5},
-    "W8A8 G=auto SmoothQuant 0.5": {"groups": "auto", "smoothquant": 0.5},
-    "W8A8 dynamic per-token": None,
+VARIANTS = {  # --variants key: (row label, calibration options; None: dynamic quantization)
+    "g1": ("W8A8 G=1 (shared scales)", {"groups": 1}),
+    "auto": ("W8A8 G=auto", {"groups": "auto"}),
+    "steps": ("W8A8 G=steps", {"groups": "steps"}),
+    "g1-sq": ("W8A8 G=1 SmoothQuant 0.5", {"groups": 1, "smoothquant": 0.5}),
+    "auto-sq": ("W8A8 G=auto SmoothQuant 0.5", {"groups": "auto", "smoothquant": 0.5}),
+    "dynamic": ("W8A8 dynamic per-token", None),
 }
 
 
@@ -48,13 +49,18 @@ def _make(options):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = quality_common.parser("python -m bench.quality_int8", __doc__.split("\n")[0],
-                                 "digits-dit,digits-unet").parse_args(argv)
+    parser = quality_common.parser("python -m bench.quality_int8", __doc__.split("\n")[0], "digits-dit,digits-unet")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated keys of VARIANTS")
+    args = parser.parse_args(argv)
+    chosen = args.variants.split(",")
+    unknown = [key for key in chosen if key not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     quality_common.setup(args)
     rows = []
     with torch.no_grad():
         for name in args.models.split(","):
-            makers = {label: _make(options) for label, options in VARIANTS.items()}
+            makers = {VARIANTS[key][0]: _make(VARIANTS[key][1]) for key in chosen}
             model_rows = quality_common.compare_variants(name, args.samples, {k: (m, None) for k, m in makers.items()})
             for row in model_rows[1:]:
                 row["groups"] = getattr(makers[row["configuration"]], "groups", None)
