@@ -30,8 +30,19 @@ BATCH_EXIT_THRESHOLD = 0.2
 LINEAR_AG_SAMPLES, LINEAR_AG_SEED = 256, 4321  # the fit's trajectories (the evaluation uses the cards' seed)
 
 
+SERIES = (("adaptive guidance", "evaluations_saved"), ("linear ag", "evaluations_saved"),
+          ("step cache", "blocks_saved"), ("early exit (whole batch)", "blocks_saved"), ("early exit", "blocks_saved"))
+
+
+def _series(configuration: str) -> tuple[str, str] | None:
+    """The (series, savings key) a row belongs to: the longest matching prefix of ``SERIES``."""
+    matches = [s for s in SERIES if configuration.startswith(s[0])]
+    return max(matches, key=lambda s: len(s[0])) if matches else None
+
+
 def plot(rows: list[dict], path: Path) -> Path | None:
-    """evaluations saved vs accuracy drop and FID change, one line per model (None without matplotlib)."""
+    """Savings vs accuracy drop, digits-FID change and PSNR against exact CFG, one line per model and
+    technique (None without matplotlib)."""
     try:
         import matplotlib  # noqa: PLC0415
 
@@ -39,22 +50,22 @@ def plot(rows: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt  # noqa: PLC0415
     except ImportError:
         return None
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = (("accuracy drop (points)", lambda r: r["accuracy_drop_points"]),
+              ("digits-FID change (%)", lambda r: 100 * r["fid_change"]),
+              ("PSNR vs exact CFG (dB, identical = 80)", lambda r: min(r["psnr_mean"], 80.0)))
     for model in sorted({r["model"] for r in rows}):
-        for prefix, saving in (("adaptive guidance", "evaluations_saved"), ("linear ag", "evaluations_saved"),
-                               ("step cache", "blocks_saved"),
-                               ("early exit", "blocks_saved")):
-            label = prefix
-            points = sorted((r[saving], r["accuracy_drop_points"], 100 * r["fid_change"]) for r in rows
-                            if r["model"] == model and r["configuration"].startswith(prefix) and r.get(saving) is not None)
-            if points:
-                left.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{model}, {label}")
-                right.plot([p[0] for p in points], [p[2] for p in points], "o-", label=f"{model}, {label}")
-    left.set(xlabel="model evaluations (or blocks) saved", ylabel="accuracy drop (points)")
-    right.set(xlabel="model evaluations (or blocks) saved", ylabel="digits-FID change (%)")
-    for axis in (left, right):
+        for name, saving in SERIES:
+            points = sorted((r[saving], *(value(r) for _, value in panels)) for r in rows
+                            if r["model"] == model and _series(r["configuration"]) == (name, saving)
+                            and r.get(saving) is not None)
+            for k, axis in enumerate(axes):
+                if points:
+                    axis.plot([p[0] for p in points], [p[k + 1] for p in points], "o-", label=f"{model}, {name}")
+    for axis, (label, _) in zip(axes, panels):
+        axis.set(xlabel="model evaluations (or blocks) saved", ylabel=label)
         axis.grid(True)
-        axis.legend()
+    axes[0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path

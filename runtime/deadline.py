@@ -39,8 +39,8 @@ class DeadlinePolicy:
     patience: int = 3
     recover_below: float = 0.6
     skip_threshold: float = 0.95
-    exit_threshold: float = 0.3
-    cache_threshold: float = 0.2
+    exit_threshold: float = 0.2  # the Sampler's default (56 % of the digits DiT's blocks, 0.6 accuracy points)
+    cache_threshold: float = 0.1  # 21 % of the digits DiT's blocks at 50 dB (0.15: 62 % but FID +48 %)
     clock: Callable[[], float] = time.perf_counter  # seconds; tests pass a simulated clock
     level: int = 0  # how many rungs of ``allow`` are in force
     changes: list[tuple[int, str | None]] = field(default_factory=list)

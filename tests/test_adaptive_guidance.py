@@ -80,7 +80,7 @@ def test_adaptive_guidance_needs_guidance_and_a_sane_threshold(dit):
         Sampler(dit, "ddim", 4, adaptive_guidance=True)
     with pytest.raises(ValueError, match="cosine-similarity threshold"):
         Sampler(dit, "ddim", 4, guidance_scale=2.0, adaptive_guidance="sometimes")
-    assert Sampler(dit, "ddim", 4, guidance_scale=2.0, adaptive_guidance=True).adaptive_guidance == 0.99
+    assert Sampler(dit, "ddim", 4, guidance_scale=2.0, adaptive_guidance=True).adaptive_guidance == 0.95
 
 
 def test_padded_batch_buckets_keep_adaptive_guidance_exact(dit):
