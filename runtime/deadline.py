@@ -9,7 +9,8 @@ The ladder is the user's quality floor: only the rungs in ``allow`` are ever tak
   noise-prediction models only, else the rung is passed over);
 * ``"no-guidance"``: CFG off;
 * ``"exit-earlier"``: layer early exit at ``exit_threshold`` (a model with exit heads, e.g. the digits
-  DiT; passed over for other models and for graph-captured ticks, whose exits would need a host read);
+  DiT; passed over for other models, step-cached ones and graph-captured ticks, whose exits would need a
+  host read);
 * ``"more-caching"``: the step cache's threshold raised to ``cache_threshold`` (a denoiser made with
   ``optimize(den, step_cache=...)``; passed over otherwise);
 * ``"more-skips"``: the similarity filter at ``skip_threshold`` (more near-identical frames reuse the

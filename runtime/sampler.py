@@ -310,6 +310,9 @@ def _early_exit_threshold(option: Any, denoiser: Any) -> float | None:
     threshold = DEFAULT_EXIT_THRESHOLD if option is True else option
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= float(threshold) <= 1:
         raise ValueError(f"early_exit must be None, True or an uncertainty threshold in [0, 1], got {option!r}")
+    if getattr(denoiser, "step_cache", None) is not None:
+        raise ValueError("early_exit and a step cache both skip blocks of the same transformer and do not compose: "
+                         "use one of them")
     if getattr(getattr(denoiser, "model", None), "exit_heads", None) is None:
         raise ValueError("early_exit needs a model with exit heads (models.load('digits-dit') ships them; "
                          "diffrt.runtime.models.exits.train_exit_heads trains them)")

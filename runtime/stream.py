@@ -266,8 +266,9 @@ class StreamPipeline:
 
     @property
     def supports_early_exit(self) -> bool:
-        """Whether layer early exit can run here: a model with exit heads, a tick not graph-captured."""
-        return getattr(getattr(self.den, "model", None), "exit_heads", None) is not None and not self.cuda_graphs
+        """Whether layer early exit can run here: a model with exit heads, no step cache, a tick not graph-captured."""
+        return (getattr(getattr(self.den, "model", None), "exit_heads", None) is not None and not self.cuda_graphs
+                and getattr(self.den, "step_cache", None) is None)  # a step cache skips the same blocks
 
     @property
     def exit_stats(self) -> dict[str, Any] | None:

@@ -92,6 +92,10 @@ def test_early_exit_needs_heads_and_a_threshold():
     den.model.attach_exit_heads(exits.ExitHeads(den.model, 3))
     with pytest.raises(ValueError, match="threshold in"):
         Sampler(den, "ddim", 4, early_exit=2.0)
+    from diffrt.runtime import optimize
+
+    with pytest.raises(ValueError, match="do not compose"):
+        Sampler(optimize(models.load("digits-dit"), step_cache=0.1), "ddim", 4, early_exit=0.1)
     with pytest.raises(ValueError, match="early_exit_scope"):
         Sampler(den, "ddim", 4, early_exit=0.1, early_exit_scope="token")
     with pytest.raises(ValueError, match="no exit before the last"):

@@ -339,15 +339,16 @@ def test_deadline_caches_more_on_a_step_cached_model_and_steps_back():
 
     fast = optimize(models.load("digits-dit"), step_cache=0.01)
     clock = SteppingClock(50)
-    policy = DeadlinePolicy(budget_ms=10, patience=1, allow=("more-caching", "residual-guidance"),
+    policy = DeadlinePolicy(budget_ms=10, patience=1, allow=("more-caching", "residual-guidance", "exit-earlier"),
                             cache_threshold=0.5, clock=clock)
     pipe = StreamPipeline(fast, t_index_list=STAGES, cond=torch.tensor(3), deadline=policy)
-    for frame in _frames(2, seed=9):
+    for frame in _frames(3, seed=9):
         pipe.tick(frame)
-    assert policy.changes == [(1, "more-caching"), (2, "residual-guidance")]
-    # residual CFG needs noise predictions (this DiT predicts v): passed over; caching stays raised
-    assert fast.step_cache.threshold == 0.5 and pipe.cfg_type == "none"
+    assert policy.changes == [(1, "more-caching"), (2, "residual-guidance"), (3, "exit-earlier")]
+    # residual CFG needs noise predictions (this DiT predicts v) and early exit does not compose with the
+    # step cache: both passed over; caching stays raised
+    assert fast.step_cache.threshold == 0.5 and pipe.cfg_type == "none" and pipe.early_exit is None
     clock.ms = 1  # fast again: step back rung by rung, the cache threshold restored
-    for frame in _frames(2, seed=10):
+    for frame in _frames(3, seed=10):
         pipe.tick(frame)
     assert policy.level == 0 and fast.step_cache.threshold == 0.01
