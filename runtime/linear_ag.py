@@ -58,7 +58,7 @@ class LinearAG:
                              f"got {tuple(self.coefficients.shape)}")
         if not torch.isfinite(self.coefficients).all():
             raise ValueError("LinearAG coefficients contain NaN or Inf")
-        self.estimated_steps = tuple(sorted(set(int(i) for i in self.estimated_steps)))
+        self.estimated_steps = tuple(sorted({int(i) for i in self.estimated_steps}))
         bad = [i for i in self.estimated_steps if not 1 <= i < self.steps]
         if bad:
             raise ValueError(f"estimated steps must lie in [1, {self.steps}) (step 0 has no past), got {bad}")
@@ -114,7 +114,7 @@ def default_estimated_steps(steps: int, every: int = 2, until: float = 0.5) -> t
     """Every ``every``-th step from step 1 up to ``until`` of the trajectory (step 0 has no past)."""
     if every < 1 or not 0 <= until <= 1:
         raise ValueError(f"every must be >= 1 and until in [0, 1], got every={every}, until={until}")
-    return tuple(range(1, int(round(until * steps)), every))
+    return tuple(range(1, round(until * steps), every))
 
 
 def fit_linear_ag(sampler, cond: torch.Tensor, uncond: torch.Tensor, samples: int = 256, seed: int = 1234,
