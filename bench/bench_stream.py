@@ -60,12 +60,12 @@ def _time_frames(step: Callable[[int], Any], frames: int, warmup: int, device: t
     """Run ``step(i)`` per frame; latency of frame i = time from its tick to the tick ``lag`` later."""
     for i in range(warmup):
         step(i)
-    harness._sync(device)  # noqa: SLF001 - the harness's device sync
+    harness.sync(device)
     stamps = []
     for i in range(frames):
         stamps.append(time.perf_counter())
         step(warmup + i)
-        harness._sync(device)  # noqa: SLF001
+        harness.sync(device)
     stamps.append(time.perf_counter())
     ticks = sorted(b - a for a, b in zip(stamps, stamps[1:]))
     latencies = sorted(stamps[i + lag + 1] - stamps[i] for i in range(frames - lag))

@@ -109,6 +109,17 @@ def patch(module: nn.Module) -> None:
     module.forward = types.MethodType(forward, module)
 
 
+def keep_samples(keep: torch.Tensor):
+    """Narrow the INT8 call in progress to the samples ``keep`` selects (a bool mask or an index over
+    its batch), for a model that compacts its batch mid-call (per-sample early exit); returns the
+    token to pass to ``ACTIVE.reset``, or None when no static INT8 call is in progress."""
+    active = ACTIVE.get()
+    if active is None or active[0] is None:
+        return None
+    group_ids, mode, weights = active
+    return ACTIVE.set((group_ids[keep], mode, weights))
+
+
 def unpatch(module: nn.Module) -> None:
     """Undo :func:`patch` (the class's forward again)."""
     module.__dict__.pop("forward", None)

@@ -123,7 +123,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(spec: str, scheduler_config: str | None):
+def load_model(spec: str, scheduler_config: str | None):
     """A reference model name, or a diffusers model folder (config.json naming its class)."""
     import json  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
@@ -156,7 +156,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from diffrt.export import Calibration, export_groups, export_onnx  # noqa: PLC0415
 
-    den = _load_model(args.model, args.scheduler_config)
+    den = load_model(args.model, args.scheduler_config)
     calibration = Calibration.load(args.int8) if args.int8 else None
     resolution = tuple(int(v) for v in args.resolution.lower().split("x")) if args.resolution else None
     start = time.perf_counter()

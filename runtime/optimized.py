@@ -26,6 +26,15 @@ What it does now (later options arrive with their issues and raise NotImplemente
 * ``step_cache``: first-block caching for DiT-style transformers (:mod:`diffrt.runtime.step_cache`):
   ``True`` or a threshold on the relative change of the first block's residual; the later blocks
   are skipped while it stays below. Changes the samples.
+* ``cuda_graphs``: the model call is captured in a CUDA graph per shape bucket and replayed
+  (:func:`~diffrt.runtime.graphs.graph_denoiser` with power-of-two batch buckets, so adaptive
+  guidance's shrinking batches replay a few graphs); off CUDA the call runs eagerly (logged once).
+  Not with a step cache (it decides on the host per call) nor an engine backend (engines replay
+  their own graphs).
+* ``config``: an :class:`~diffrt.runtime.acceleration.Acceleration` (or the JSON ``diffrt tune``
+  wrote, or its dict): it sets ``dtype``, ``attention``, ``todo``, ``sparse``, ``int8``,
+  ``step_cache`` and ``cuda_graphs`` (the arguments of the same names are ignored); its solver-side
+  part goes to ``Acceleration.sampler(fast, ...)``.
 * ``backend``: "native" (PyTorch with diffrt's kernels: an :class:`OptimizedDenoiser`),
   "onnxruntime" or "tensorrt": the optimized denoiser exported to ONNX (with its calibration as
   QDQ nodes) and run by that engine (:mod:`diffrt.export.backends`; ``backend_options`` go there:
@@ -131,13 +140,24 @@ def _todo_config(todo: Any) -> attn.ToDo | None:
 def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | None = "auto", todo: Any = None,
              sparse: attn.Sparse | None = None, int8: Any = None, cuda_graphs: bool = False,
              backend: str = "native", int8_policy: Any = None,
-             backend_options: dict[str, Any] | None = None, step_cache: float | bool | None = None) -> Denoiser:
+             backend_options: dict[str, Any] | None = None, step_cache: float | bool | None = None,
+             config: Any = None) -> Denoiser:
     """An :class:`OptimizedDenoiser` of ``den`` (module docstring for the options)."""
     if not isinstance(den, Denoiser):
         raise TypeError(f"optimize takes a Denoiser (Denoiser.from_diffusers(...), models.load(...)), got "
                         f"{type(den).__name__}")
-    if cuda_graphs:
-        raise NotImplementedError("optimize(cuda_graphs=True) is not implemented yet; leave it at False")
+    if config is not None:
+        from .acceleration import resolve  # noqa: PLC0415
+
+        acc, base_dir = resolve(config)
+        return optimize(den, backend=backend, int8_policy=int8_policy, backend_options=backend_options,
+                        cuda_graphs=acc.cuda_graphs and acc.early_exit is None,  # early exit captures its segments
+                        **acc.optimize_kwargs(den.device or "cpu", base_dir))
+    if cuda_graphs and backend != "native":
+        raise NotImplementedError(f"cuda_graphs=True with backend={backend!r}: the engine replays its own graphs")
+    if cuda_graphs and step_cache not in (None, False):
+        raise ValueError("cuda_graphs=True and step_cache do not compose: the cache decides on the host per call, "
+                         "a graph replays fixed kernels; use one of them")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if attention is not None and attention not in ATTENTION_BACKENDS:
@@ -175,6 +195,10 @@ def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | N
     fast = OptimizedDenoiser(den, model, settings, layers, dtype or den.dtype, calibration, int8_mode, int8_weights,
                              cache)
     if backend == "native":
+        if cuda_graphs:
+            from .graphs import graph_denoiser  # noqa: PLC0415
+
+            return graph_denoiser(fast, pad_batches=True)
         return fast
     if int8_mode == "dynamic":
         raise NotImplementedError(f"backend={backend!r} runs INT8 from a calibration (constant scales), not 'dynamic'")

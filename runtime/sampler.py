@@ -97,6 +97,9 @@ class Sampler:
             raise ValueError(f"early_exit_scope must be 'sample' or 'batch', got {early_exit_scope!r}")
         self.early_exit_scope = early_exit_scope
         self.early_exit_graphs = bool(early_exit_graphs)
+        if self.early_exit_graphs and getattr(denoiser, "int8_mode", None) == "static":
+            raise ValueError("early_exit_graphs=True with a calibrated INT8 denoiser: the segment graphs would keep "
+                             "the capturing call's timestep groups; use early_exit_graphs=False with int8")
         if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
         self.adaptive_guidance = _adaptive_threshold(adaptive_guidance)

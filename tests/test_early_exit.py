@@ -137,3 +137,28 @@ def test_segment_graphs_replay_on_cuda():
     buckets = [len(runner.timings) for runner in segments.functions]  # captured shapes per segment
     assert buckets[0] == 1 and max(buckets) <= 5  # 12 rows pad to 16; compacted ones to 8, 4, 2, 1
     assert sum(t.replays for runner in segments.functions for t in runner.timings.values()) > 0
+
+
+def test_int8_groups_follow_the_rows_that_keep_running():
+    """Per-sample early exit compacts the batch inside the model: a calibrated INT8 layer must then see
+    the remaining samples' timestep groups (it used to fail: more rows than groups)."""
+    from diffrt.export import calibrate
+    from diffrt.runtime import optimize, quality
+
+    den = models.load("digits-dit")
+    labels = torch.arange(8) % 10
+    uncond = torch.full_like(labels, models.NULL_CLASS)
+    calibration = calibrate(den, "dpmpp-2m", 6, cond=labels, uncond=uncond, guidance_scale=3.0, seeds=(5,),
+                            progress=False)
+    fast = optimize(den, int8=calibration)
+    noise = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sampler = Sampler(fast, "dpmpp-2m", 6, guidance_scale=3.0, early_exit=0.2)
+        ours = sampler.sample(noise, cond=labels, uncond=uncond)
+        float_exit = Sampler(den, "dpmpp-2m", 6, guidance_scale=3.0, early_exit=0.2).sample(noise, cond=labels,
+                                                                                             uncond=uncond)
+    exits = sampler.stats["early_exit"]["exits"]
+    assert sum(count for depth, count in exits.items() if depth < den.model.num_blocks) > 0, exits  # rows did leave
+    assert quality.psnr(ours, float_exit).mean() > 30  # INT8 error only (the same rows exit at the same depths)
+    with pytest.raises(ValueError, match="early_exit_graphs=True with a calibrated INT8 denoiser"):
+        Sampler(fast, "dpmpp-2m", 6, guidance_scale=3.0, early_exit=0.2, early_exit_graphs=True)

@@ -188,8 +188,10 @@ def test_refusals_say_what_to_change(dit, caplog):
     with caplog.at_level(logging.INFO, logger="diffrt.runtime.optimized"):
         assert optimize(plain).settings is None
     assert "attention left as it is" in caplog.text
-    with pytest.raises(NotImplementedError, match="cuda_graphs"):
-        optimize(dit, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True and step_cache do not compose"):
+        optimize(dit, cuda_graphs=True, step_cache=0.1)
+    with pytest.raises(NotImplementedError, match="the engine replays its own graphs"):
+        optimize(dit, cuda_graphs=True, backend="onnxruntime")
     with pytest.raises(ValueError, match="attention must be None or one of"):
         optimize(dit, attention="flash")
     with pytest.raises(TypeError, match="todo must be"):

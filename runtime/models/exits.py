@@ -161,9 +161,19 @@ def exiting_forward(dit: DigitsDiT, state: ExitState, x, t, y) -> torch.Tensor:
     """The DiT's forward stopping at the first confident exit (module docstring): per sample (the rows
     that are confident leave, the rest run on compacted) or for the whole batch at once. Segments
     between exits run as CUDA graphs when ``state.graphs``; one host read decides between them."""
+    from diffrt.export import quant  # noqa: PLC0415 - INT8 groups follow the compacted rows
+
     heads = dit.exit_heads
     segments = exit_segments(dit, state.graphs)
-    h, c = dit.embed(x, t, y)
+    narrowed = []  # INT8 per-sample groups narrowed with the rows; restored on the way out
+    try:
+        return _exit_loop(dit, heads, segments, state, *dit.embed(x, t, y), quant, narrowed)
+    finally:
+        for token in reversed(narrowed):
+            quant.ACTIVE.reset(token)
+
+
+def _exit_loop(dit, heads, segments, state, h, c, quant, narrowed) -> torch.Tensor:
     rows = torch.arange(h.shape[0], device=h.device)  # the rows still running, into the output
     out: torch.Tensor | None = None
     state.calls += 1
@@ -187,6 +197,9 @@ def exiting_forward(dit: DigitsDiT, state: ExitState, x, t, y) -> torch.Tensor:
             return out
         staying = ~confident
         h, c, rows = h[staying], c[staying], rows[staying]
+        token = quant.keep_samples(staying)
+        if token is not None:
+            narrowed.append(token)
     prediction = segments.run(len(heads.depths), h, c)
     state.count(dit.num_blocks, rows.numel())
     if out is None:

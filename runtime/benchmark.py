@@ -1,0 +1,311 @@
+"""``diffrt bench``: a model's sampling latency under the baselines and diffrt's configurations, in one process.
+
+For one :class:`~diffrt.runtime.zoo.Workload` at a batch size, every configuration samples the
+same noise and conditions (CFG as the workload says). First the **fp32 reference** runs: diffusers'
+scheduler loop on the fp32 model, the output every other row is compared with. Then per row:
+
+1. build it (``setup_s``: copies, ``optimize``, INT8 calibration, ``torch.compile`` wrapping);
+2. one untimed call (``first_call_s``: compile, graph capture, autotuning happen here), whose
+   output is checked against the reference (PSNR; a non-finite output is an error, not timed);
+3. ``harness.measure``: warm-up calls, then timed whole samples (CUDA events on GPU):
+   latency p50 / p90 / p99 ms, throughput (samples / s at p50), peak GPU memory.
+
+Rows: the baselines ``diffusers-eager`` (the model in the benchmark dtype, its own attention:
+SDPA; the diffusers scheduler loop as the pipelines run it), ``diffusers-compile`` (the same
+with ``torch.compile(model)``) and ``streamdiffusion`` (only where the package is installed);
+then diffrt's :data:`CONFIGS`, each an :class:`~diffrt.runtime.acceleration.Acceleration`:
+``exact`` (diffrt attention and fused solver step, no approximation), ``graphs``, ``todo``,
+``sparse``, ``int8``, ``adaptive-guidance``, ``early-exit``, ``step-cache``, ``combined`` (the
+approximations that compose, plus graphs on CUDA) and ``tuned`` (a ``--config`` file).
+A configuration that cannot apply to the workload (graphs off CUDA, early exit without exit
+heads, ...) is a ``skipped`` row that says why. An exact row whose PSNR falls more than
+:data:`EXACT_SLACK_DB` below the eager baseline's (capped at :data:`EXACT_CAP_DB`) is marked ``quality-fail``.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import importlib.util
+import inspect
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from . import harness
+from .acceleration import Acceleration
+from .denoiser import Denoiser
+from .zoo import Workload
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("diffusers-eager", "diffusers-compile", "streamdiffusion")
+CONFIGS = ("exact", "graphs", "todo", "sparse", "int8", "adaptive-guidance", "early-exit", "step-cache", "combined")
+EXACT_SLACK_DB = 3.0
+EXACT_CAP_DB = 60.0  # above this an exact row matches the reference as well as it can
+REFERENCE_SEED, CALIBRATION_SEED = 0, 1000
+
+
+@dataclass
+class Inputs:
+    """The noise and conditions every row samples (device tensors; ``uncond`` None without CFG)."""
+
+    noise: torch.Tensor
+    cond: Any
+    uncond: Any
+    guidance_scale: float | None
+
+    @classmethod
+    def make(cls, workload: Workload, batch: int, seed: int) -> "Inputs":
+        guided = workload.guided
+        return cls(workload.noise(batch, seed), workload.make_cond(batch, seed),
+                   workload.make_uncond(batch) if guided else None, workload.guidance_scale if guided else None)
+
+
+# ----------------------------------------------------------------------------- the diffusers loop
+
+def diffusers_scheduler(workload: Workload, solver: str) -> Any:
+    """A fresh diffusers scheduler for ``solver`` (diffrt's preset) on the workload's schedule."""
+    import diffusers  # noqa: PLC0415
+
+    from .solvers import PRESETS  # noqa: PLC0415
+
+    if solver not in PRESETS:
+        raise ValueError(f"unknown solver {solver!r}; one of {', '.join(sorted(PRESETS))}")
+    class_name, overrides = PRESETS[solver]
+    scheduler_cls = getattr(diffusers, class_name)
+    accepted = inspect.signature(scheduler_cls.__init__).parameters
+    config = {k: v for k, v in {**workload.scheduler_config, **overrides}.items() if k in accepted}
+    return scheduler_cls(**config)
+
+
+def diffusers_sample(den: Denoiser, scheduler: Any, steps: int, inputs: Inputs) -> torch.Tensor:
+    """What a diffusers pipeline's denoising loop does: latents in the model dtype, CFG as one
+    doubled batch (uncond first), ``scale_model_input`` and ``scheduler.step`` per timestep."""
+    scheduler.set_timesteps(steps, device=inputs.noise.device)
+    dtype = den.dtype or inputs.noise.dtype
+    x = (inputs.noise * scheduler.init_noise_sigma).to(dtype)
+    guided = inputs.guidance_scale is not None
+    cond = torch.cat([inputs.uncond, inputs.cond]) if guided else inputs.cond
+    for t in scheduler.timesteps:
+        x_in = torch.cat([x, x]) if guided else x
+        x_in = scheduler.scale_model_input(x_in, t)
+        out = den(x_in, t.to(torch.float32).expand(x_in.shape[0]), cond)
+        if guided:
+            uncond_out, cond_out = out.chunk(2)
+            out = uncond_out + inputs.guidance_scale * (cond_out - uncond_out)
+        x = scheduler.step(out, t, x).prev_sample.to(dtype)
+    return x
+
+
+def _model_copy(den: Denoiser, dtype: torch.dtype, wrap: Callable[[Any], Any] | None = None) -> Denoiser:
+    model = den.model if dtype == den.dtype else copy.deepcopy(den.model).to(dtype)
+    return Denoiser(wrap(model) if wrap else model, den.schedule, sample_shape=den.sample_shape, call=den._call,
+                    dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- configurations
+
+def diffrt_configs(workload: Workload, names: list[str], device: torch.device) -> dict[str, Acceleration | str]:
+    """{name: Acceleration, or the reason it does not apply to this workload}."""
+    from .sampler import DEFAULT_ADAPTIVE_THRESHOLD, DEFAULT_EXIT_THRESHOLD  # noqa: PLC0415
+
+    exact = Acceleration()
+    model = workload.den.model
+    has_heads = getattr(model, "exit_heads", None) is not None
+    blocks = hasattr(model, "blocks") or hasattr(model, "transformer_blocks")
+    todo = {"factor": 2, "min_tokens": workload.todo_tokens}
+    sparse = {"kind": "window", "radius": 2 if workload.sparse_block < 64 else 8, "q_block": workload.sparse_block,
+              "k_block": workload.sparse_block, "min_tokens": workload.sparse_tokens}
+    int8 = {"path": "pending", "groups": "auto"}
+    options: dict[str, Acceleration | str] = {
+        "exact": exact,
+        "graphs": exact.replace(cuda_graphs=True) if device.type == "cuda" else "CUDA graphs need a CUDA device",
+        "todo": exact.replace(todo=todo),
+        "sparse": exact.replace(sparse=sparse),
+        "int8": exact.replace(int8=int8),
+        "adaptive-guidance": (exact.replace(adaptive_guidance=DEFAULT_ADAPTIVE_THRESHOLD) if workload.guided
+                              else "the workload samples without CFG"),
+        "early-exit": (exact.replace(early_exit=DEFAULT_EXIT_THRESHOLD) if has_heads
+                       else "the model has no exit heads"),
+        "step-cache": (exact.replace(step_cache=0.1) if blocks
+                       else "the step cache covers transformers (a block list), not UNets"),
+    }
+    combined = exact.replace(todo=todo, int8=int8, cuda_graphs=device.type == "cuda",
+                             adaptive_guidance=DEFAULT_ADAPTIVE_THRESHOLD if workload.guided else None)
+    if has_heads:
+        combined = combined.replace(early_exit=DEFAULT_EXIT_THRESHOLD)
+    elif blocks and device.type != "cuda":
+        combined = combined.replace(step_cache=0.1)
+    options["combined"] = combined
+    return {n: options[n] for n in names}
+
+
+class Calibrations:
+    """INT8 calibrations made on demand (per solver, steps and groups), saved under ``folder``."""
+
+    def __init__(self, workload: Workload, batch: int, folder: str | Path | None = None, progress: bool = True):
+        self.workload, self.batch, self.progress = workload, batch, progress
+        self.folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="diffrt-calibration-"))
+        self._made: dict[tuple, Path] = {}
+
+    def resolve(self, acc: Acceleration, solver: str, steps: int) -> Acceleration:
+        """``acc`` with a pending int8 request replaced by a saved calibration's path."""
+        if not isinstance(acc.int8, dict) or acc.int8.get("path") != "pending":
+            return acc
+        from diffrt.export import calibrate  # noqa: PLC0415
+
+        solver, steps, groups = acc.solver or solver, acc.steps or steps, acc.int8.get("groups", "auto")
+        key = (solver, steps, groups)
+        if key not in self._made:
+            w = self.workload
+            inputs = Inputs.make(w, max(2, self.batch), CALIBRATION_SEED)
+            uncond = inputs.uncond if w.guided else None
+            calibration = calibrate(w.den, solver, steps, cond=inputs.cond, uncond=uncond,
+                                    guidance_scale=inputs.guidance_scale, seeds=(CALIBRATION_SEED,), groups=groups,
+                                    progress=self.progress)
+            path = self.folder / f"{w.name.replace('/', '_')}-{solver}-{steps}-{groups}"
+            calibration.save(path)
+            self._made[key] = path
+        return acc.replace(int8={"path": str(self._made[key]), "groups": groups})
+
+
+# ----------------------------------------------------------------------------- rows
+
+def _baseline_builders(workload: Workload, dtype: torch.dtype, solver: str, steps: int, compile_mode: str | None,
+                       inputs: Inputs) -> dict[str, Callable[[], Callable[[], torch.Tensor]] | str]:
+    def eager():
+        den = _model_copy(workload.den, dtype)
+        return lambda: diffusers_sample(den, diffusers_scheduler(workload, solver), steps, inputs)
+
+    def compiled():
+        den = _model_copy(workload.den, dtype, lambda m: torch.compile(m, mode=compile_mode))
+        return lambda: diffusers_sample(den, diffusers_scheduler(workload, solver), steps, inputs)
+
+    stream = ("not installed (pip install streamdiffusion to add its row)"
+              if importlib.util.find_spec("streamdiffusion") is None else
+              "installed, but its wrapper takes a whole StableDiffusionPipeline (tokenizer, text encoder, VAE) "
+              "that these random-weight workloads do not build; run StreamDiffusion's own benchmark beside it")
+    return {"diffusers-eager": eager, "diffusers-compile": compiled, "streamdiffusion": stream}
+
+
+def _diffrt_builder(workload: Workload, config: Acceleration | Path, solver: str, steps: int, inputs: Inputs,
+                    calibrations: Calibrations):
+    """``config``: an Acceleration, or a saved one's path (its calibration path is relative to it)."""
+    def build():
+        from .optimized import optimize  # noqa: PLC0415
+
+        acc = Acceleration.load(config) if isinstance(config, Path) else calibrations.resolve(config, solver, steps)
+        fast = optimize(workload.den, config=config if isinstance(config, Path) else acc)
+        sampler = acc.sampler(fast, solver, steps, guidance_scale=inputs.guidance_scale)
+        return lambda: sampler.sample(inputs.noise, cond=inputs.cond, uncond=inputs.uncond, check=False)
+    return build
+
+
+def psnr_db(candidate: torch.Tensor, reference: torch.Tensor, data_range: float | None) -> tuple[float, float]:
+    """(mean, min) PSNR over the samples, in dB, over ``data_range`` (None: the reference's peak-to-peak)."""
+    ref = reference.double()
+    span = data_range if data_range is not None else (ref.max() - ref.min()).item()
+    mse = ((candidate.double() - ref) ** 2).flatten(1).mean(1).clamp_min(1e-30)
+    values = 10 * torch.log10(span ** 2 / mse)
+    return values.mean().item(), values.min().item()
+
+
+def measure_row(name: str, kind: str, build: Callable[[], Callable[[], torch.Tensor]], reference: torch.Tensor | None,
+                workload: Workload, device: torch.device, batch: int, warmup: int, repeats: int,
+                max_seconds: float | None) -> dict[str, Any]:
+    """Build, check against the reference, then time one configuration (module docstring)."""
+    row: dict[str, Any] = {"config": name, "kind": kind, "status": "ok"}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        start = time.perf_counter()
+        fn = build()
+        row["setup_s"] = time.perf_counter() - start
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = fn()
+            harness.sync(device)
+            row["first_call_s"] = time.perf_counter() - start
+            if not torch.isfinite(out).all():
+                return {**row, "status": "error", "note": "non-finite output: not timed"}
+            if reference is not None:
+                row["psnr_db"], row["psnr_min_db"] = psnr_db(out.float(), reference, workload.data_range)
+            timing = harness.measure(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
+    except Exception as error:  # noqa: BLE001 - one failing configuration is a row, not the end of the run
+        log.exception("%s failed", name)
+        return {**row, "status": "error", "note": f"{type(error).__name__}: {error}"}
+    stats = timing.stats(scale=1e3)
+    row.update({"latency_ms": {k: stats[k] for k in ("median", "p90", "p99", "p20", "p80", "min", "mean")},
+                "repeats": stats["count"], "throughput_per_s": batch / (stats["median"] / 1e3),
+                "peak_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None})
+    return row
+
+
+def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, steps: int | None = None,
+        solver: str | None = None, dtype: torch.dtype | None = None, tuned: str | Path | None = None,
+        warmup: int = 2, repeats: int = 10, max_seconds: float | None = 60.0, compile_mode: str | None = None,
+        seed: int = REFERENCE_SEED, progress: bool = True) -> dict[str, Any]:
+    """Every requested row for ``workload`` (module docstring); returns {"rows", "workload", "settings"}."""
+    device = workload.den.device or torch.device("cpu")
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    solver, steps = solver or workload.solver, steps or workload.steps
+    names = list(BASELINES + CONFIGS) if not configs or configs == ["all"] else list(configs)
+    unknown = [n for n in names if n not in BASELINES + CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(BASELINES + CONFIGS)} "
+                         "or 'all'")
+    compile_mode = compile_mode or ("max-autotune-no-cudagraphs" if device.type == "cuda" else "default")
+    inputs = Inputs.make(workload, batch, seed)
+    with torch.no_grad():
+        reference = diffusers_sample(workload.den, diffusers_scheduler(workload, solver), steps, inputs).float()
+    baselines = _baseline_builders(workload, dtype, solver, steps, compile_mode, inputs)
+    dtype_name = str(dtype).replace("torch.", "")
+    accelerations = diffrt_configs(workload, [n for n in names if n in CONFIGS], device)
+    calibrations = Calibrations(workload, batch, progress=progress)
+    jobs: list[tuple[str, str, Any]] = [(n, "baseline", baselines[n]) for n in names if n in baselines]
+    for name, acc in accelerations.items():
+        acc = acc if isinstance(acc, str) else acc.replace(dtype=dtype_name)
+        jobs.append((name, "diffrt", acc if isinstance(acc, str) else
+                     (_diffrt_builder(workload, acc, solver, steps, inputs, calibrations), acc)))
+    if tuned is not None:
+        jobs.append(("tuned", "diffrt", (_diffrt_builder(workload, Path(tuned), solver, steps, inputs, calibrations),
+                                         Acceleration.load(tuned))))
+    rows = []
+    for name, kind, job in tqdm(jobs, desc=f"bench {workload.name}", unit="config", disable=not progress):
+        if isinstance(job, str):
+            rows.append({"config": name, "kind": kind, "status": "skipped", "note": job})
+            continue
+        build, acc = job if isinstance(job, tuple) else (job, None)
+        log.info("bench %s: %s", workload.name, name)
+        row = measure_row(name, kind, build, reference, workload, device, batch, warmup, repeats, max_seconds)
+        if acc is not None:
+            row.update({"exact": acc.exact, "acceleration": acc.describe(), "acceleration_config": acc.to_dict()})
+        rows.append(row)
+        gc.collect()
+    _speedups(rows)
+    settings = {"batch": batch, "solver": solver, "steps": steps, "dtype": dtype_name, "device": str(device),
+                "guidance_scale": inputs.guidance_scale, "seed": seed, "warmup": warmup, "repeats": repeats,
+                "compile_mode": compile_mode, "reference": "diffusers loop, fp32 model, same noise"}
+    return {"rows": rows, "workload": workload.summary(), "settings": settings}
+
+
+def _speedups(rows: list[dict[str, Any]]) -> None:
+    """Speedup over every timed baseline; quality-fail for exact rows well below the eager baseline's PSNR."""
+    timed = {r["config"]: r["latency_ms"]["median"] for r in rows if r["status"] == "ok" and r["kind"] == "baseline"}
+    eager_psnr = next((r.get("psnr_db") for r in rows if r["config"] == "diffusers-eager" and r["status"] == "ok"), None)
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        row["speedup"] = {name: ms / row["latency_ms"]["median"] for name, ms in timed.items()}
+        floor = None if eager_psnr is None else min(eager_psnr, EXACT_CAP_DB) - EXACT_SLACK_DB
+        if row.get("exact") and floor is not None and row.get("psnr_db", math.inf) < floor:
+            row["status"] = "quality-fail"
+            row["note"] = f"exact configuration at {row['psnr_db']:.1f} dB, the eager baseline at {eager_psnr:.1f} dB"
