@@ -4,6 +4,8 @@
 on the same noise and model, and print per-step time and the parity between the two.
 ``diffrt demo``: the shipped digits DiT, reference vs fast configuration (grids + table).
 ``diffrt export onnx|tensorrt``: a model as ONNX (QDQ with ``--int8``) or TensorRT engines.
+``diffrt bench``: a model's latency under the baselines and diffrt's configurations (table, JSON, chart).
+``diffrt tune``: the fastest configuration within a quality floor, written for ``optimize(config=...)``.
 """
 from __future__ import annotations
 
@@ -186,6 +188,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(name: str | None) -> torch.device:
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    return device
+
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark one model: baselines and diffrt configurations; table, JSON and chart."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from . import bench_report, benchmark, harness, zoo  # noqa: PLC0415
+
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workload = zoo.workload(args.model, device, args.resolution)
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    result = benchmark.run(workload, batch=args.batch, configs=configs, steps=args.steps, solver=args.solver,
+                           dtype=DTYPES[args.dtype] if args.dtype else None, tuned=args.config, warmup=args.warmup,
+                           repeats=args.repeats, max_seconds=args.max_seconds, compile_mode=args.compile_mode,
+                           seed=args.seed, progress=not args.quiet)
+    stamp = harness.environment_stamp(str(device))
+    path = bench_report.write_json(args.out, result, stamp)
+    print(bench_report.table(result))
+    print(f"wrote {path}")
+    if not args.no_chart:
+        png = bench_report.chart(result, Path(path).with_suffix(".png"), stamp)
+        if png is not None:
+            print(f"wrote {png}")
+    failed = [r["config"] for r in result["rows"] if r["status"] in ("error", "quality-fail")]
+    if failed:
+        log.error("failed: %s", ", ".join(failed))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .solvers import PRESETS
 
@@ -226,7 +267,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simplify", action="store_true", help="apply ONNX Runtime's basic graph optimizations")
     p.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"], help="TensorRT precision")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("bench", help="latency of a model under the baselines and diffrt's configurations, side by side")
+    _workload_arguments(p)
+    p.add_argument("--batch", type=int, default=1, help="samples per call (CFG doubles the model batch)")
+    p.add_argument("--configs", default="all", help="comma-separated: diffusers-eager, diffusers-compile, "
+                   "streamdiffusion, exact, graphs, todo, sparse, int8, adaptive-guidance, early-exit, step-cache, "
+                   "combined; or all")
+    p.add_argument("--config", default=None, help="an acceleration config (diffrt tune's JSON): adds a 'tuned' row")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="baseline and diffrt dtype (default: fp16 on "
+                   "CUDA, fp32 on CPU)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=10, help="timed samples per configuration")
+    p.add_argument("--max-seconds", type=float, default=60.0, help="cap on one configuration's timed repeats")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode of the compile baseline (default: "
+                   "max-autotune-no-cudagraphs on CUDA, default on CPU)")
+    p.add_argument("--out", default="bench-out", help="folder for the JSON and the chart")
+    p.add_argument("--no-chart", action="store_true")
+    p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _workload_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --resolution, --steps, --solver, --device, --seed, --threads, --quiet (bench and tune)."""
+    from .solvers import PRESETS  # noqa: PLC0415
+    from .zoo import NAMES  # noqa: PLC0415
+
+    p.add_argument("--model", required=True, help=f"{', '.join(NAMES)}, or a diffusers model folder")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="solver steps (default: the model's, e.g. 20)")
+    p.add_argument("--solver", default=None, choices=sorted(PRESETS), help="default: the model's (dpmpp-2m mostly)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="the noise and conditions' seed")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
