@@ -12,7 +12,9 @@
 * ``int8``: None, "dynamic", or a calibration: {"path": saved calibration (relative to the
   config file), "groups": ...}. A calibration is bound to its model's weights (hash checked).
 * ``adaptive_guidance``, ``early_exit``, ``step_cache``: thresholds (Sampler / optimize options).
-* ``cuda_graphs``: capture the model call per shape bucket (power-of-two batch buckets).
+* ``cuda_graphs``: capture the model call per shape bucket (power-of-two batch buckets); with early
+  exit the segments between exits are captured instead (not with a calibration: their graphs
+  would keep one call's timestep groups).
 """
 from __future__ import annotations
 
@@ -75,7 +77,9 @@ class Acceleration:
         if self.attention is None:
             parts.append("model-attention")
         if self.todo:
-            parts.append(f"todo={self.todo.get('factor', 2)}")
+            factor = self.todo.get("factor", 2)
+            levels = ",".join(f"{k}:{v}" for k, v in factor.items()) if isinstance(factor, dict) else factor
+            parts.append(f"todo={levels}")
         if self.sparse:
             parts.append(f"sparse={self.sparse.get('kind', 'window')}")
         if self.int8:
@@ -93,8 +97,11 @@ class Acceleration:
         """Keyword arguments of :func:`~diffrt.runtime.optimize` (a saved calibration is loaded here)."""
         from .attention import Sparse, ToDo  # noqa: PLC0415
 
+        todo = dict(self.todo or {})
+        if isinstance(todo.get("factor"), dict):  # JSON keys are strings: {"0": 2} -> {0: 2}
+            todo["factor"] = {int(level): int(f) for level, f in todo["factor"].items()}
         kwargs: dict[str, Any] = {"dtype": self.torch_dtype(device), "attention": self.attention,
-                                  "todo": ToDo(**self.todo) if self.todo else None,
+                                  "todo": ToDo(**todo) if todo else None,
                                   "sparse": Sparse(**self.sparse) if self.sparse else None,
                                   "step_cache": self.step_cache}
         if self.int8 == "dynamic":
@@ -115,7 +122,8 @@ class Acceleration:
         guided = guidance_scale is not None
         return Sampler(den, self.solver or solver, self.steps or steps, guidance_scale=guidance_scale,
                        adaptive_guidance=self.adaptive_guidance if guided else None, early_exit=self.early_exit,
-                       early_exit_graphs=self.cuda_graphs and self.early_exit is not None, **options)
+                       early_exit_graphs=self.cuda_graphs and self.early_exit is not None and not isinstance(self.int8, dict),
+                       **options)
 
     # ------------------------------------------------------------------ files
 

@@ -227,6 +227,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Search the fastest configuration within --quality-floor; write it as JSON."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from . import harness, tune, zoo  # noqa: PLC0415
+
+    device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workload = zoo.workload(args.model, device, args.resolution)
+    if args.steps or args.solver:
+        workload.steps, workload.solver = args.steps or workload.steps, args.solver or workload.solver
+    axes = tuple(a.strip().replace("-", "_") for a in args.axes.split(",")) if args.axes else tune.AXES
+    out = Path(args.out)
+    result = tune.tune(workload, args.quality_floor, batch=args.batch, axes=axes, space=args.space,
+                       dtype=DTYPES[args.dtype] if args.dtype else None, repeats=args.repeats,
+                       calibration_dir=out.parent, progress=not args.quiet)
+    path = tune.save(result, out, workload, harness.environment_stamp(str(device)))
+    columns = [("axis", lambda t: t.axis), ("configuration", lambda t: t.acceleration.describe()),
+               ("latency ms", lambda t: t.latency), ("PSNR dB", lambda t: t.psnr_db), ("verdict", lambda t: t.verdict)]
+    print(f"diffrt tune: {workload.name}, batch {args.batch}, floor {args.quality_floor:g} dB mean PSNR vs the fp32 "
+          f"reference ({workload.solver} {workload.steps} steps), {len(result.trials)} trials in {result.seconds:.0f} s")
+    print(harness.format_table(result.trials, columns))
+    best = result.best
+    print(f"chosen: {best.acceleration.describe()}: {best.latency:.2f} ms, {result.speedup:.2f}x the exact "
+          f"configuration, {best.psnr_db:.1f} dB (min {best.psnr_min_db:.1f})")
+    print(f"wrote {path} (optimize(den, config={str(path)!r}); diffrt bench --config {path})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .solvers import PRESETS
 
@@ -284,6 +314,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-out", help="folder for the JSON and the chart")
     p.add_argument("--no-chart", action="store_true")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("tune", help="the fastest configuration whose samples stay within a quality floor")
+    _workload_arguments(p)
+    p.add_argument("--quality-floor", type=float, default=30.0, help="mean PSNR (dB) vs the fp32 reference")
+    p.add_argument("--batch", type=int, default=4, help="samples per call: the tuning seeds' batch")
+    p.add_argument("--axes", default=None, help="comma-separated subset of attention, graphs, steps, int8, todo, "
+                   "sparse, adaptive-guidance, early-exit, step-cache (default: all, in that order)")
+    p.add_argument("--space", default="default", choices=["default", "quick"], help="quick: fewer values per axis")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--repeats", type=int, default=5, help="timed samples per candidate")
+    p.add_argument("--out", default="tuned.json", help="the config file (an INT8 calibration is saved beside it)")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 
