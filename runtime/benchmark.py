@@ -70,8 +70,7 @@ class Inputs:
 
 # ----------------------------------------------------------------------------- the diffusers loop
 
-def diffusers_scheduler(workload: Workload, solver: str) -> Any:
-    """A fresh diffusers scheduler for ``solver`` (diffrt's preset) on the workload's schedule."""
+def _scheduler_class(solver: str):
     import diffusers  # noqa: PLC0415
 
     from .solvers import PRESETS  # noqa: PLC0415
@@ -79,10 +78,26 @@ def diffusers_scheduler(workload: Workload, solver: str) -> Any:
     if solver not in PRESETS:
         raise ValueError(f"unknown solver {solver!r}; one of {', '.join(sorted(PRESETS))}")
     class_name, overrides = PRESETS[solver]
-    scheduler_cls = getattr(diffusers, class_name)
+    return getattr(diffusers, class_name), overrides
+
+
+def diffusers_scheduler(workload: Workload, solver: str) -> Any:
+    """A fresh diffusers scheduler for ``solver`` (diffrt's preset) on the workload's scheduler config."""
+    scheduler_cls, overrides = _scheduler_class(solver)
     accepted = inspect.signature(scheduler_cls.__init__).parameters
     config = {k: v for k, v in {**workload.scheduler_config, **overrides}.items() if k in accepted}
     return scheduler_cls(**config)
+
+
+def scheduler_options(workload: Workload, solver: str) -> dict[str, Any]:
+    """The workload's scheduler options beyond the noise schedule (timestep spacing, steps offset...)
+    that ``solver``'s scheduler takes: diffrt's Sampler gets them too, so both run the same grid."""
+    from .solvers import SCHEDULE_KEYS  # noqa: PLC0415
+
+    scheduler_cls, overrides = _scheduler_class(solver)
+    accepted = inspect.signature(scheduler_cls.__init__).parameters
+    return {k: v for k, v in workload.scheduler_config.items()
+            if k in accepted and k not in SCHEDULE_KEYS and k not in overrides and not k.startswith("_")}
 
 
 def diffusers_sample(den: Denoiser, scheduler: Any, steps: int, inputs: Inputs) -> torch.Tensor:
@@ -90,12 +105,13 @@ def diffusers_sample(den: Denoiser, scheduler: Any, steps: int, inputs: Inputs) 
     doubled batch (uncond first), ``scale_model_input`` and ``scheduler.step`` per timestep."""
     scheduler.set_timesteps(steps, device=inputs.noise.device)
     dtype = den.dtype or inputs.noise.dtype
-    x = (inputs.noise * scheduler.init_noise_sigma).to(dtype)
+    x = (inputs.noise * getattr(scheduler, "init_noise_sigma", 1.0)).to(dtype)  # flow matching: 1
     guided = inputs.guidance_scale is not None
     cond = torch.cat([inputs.uncond, inputs.cond]) if guided else inputs.cond
     for t in scheduler.timesteps:
         x_in = torch.cat([x, x]) if guided else x
-        x_in = scheduler.scale_model_input(x_in, t)
+        if hasattr(scheduler, "scale_model_input"):
+            x_in = scheduler.scale_model_input(x_in, t)
         out = den(x_in, t.to(torch.float32).expand(x_in.shape[0]), cond)
         if guided:
             uncond_out, cond_out = out.chunk(2)
@@ -119,7 +135,7 @@ def diffrt_configs(workload: Workload, names: list[str], device: torch.device) -
     exact = Acceleration()
     model = workload.den.model
     has_heads = getattr(model, "exit_heads", None) is not None
-    blocks = hasattr(model, "blocks") or hasattr(model, "transformer_blocks")
+    blocks = cacheable(model)
     todo = {"factor": 2, "min_tokens": workload.todo_tokens}
     sparse = {"kind": "window", "radius": 2 if workload.sparse_block < 64 else 8, "q_block": workload.sparse_block,
               "k_block": workload.sparse_block, "min_tokens": workload.sparse_tokens}
@@ -135,7 +151,7 @@ def diffrt_configs(workload: Workload, names: list[str], device: torch.device) -
         "early-exit": (exact.replace(early_exit=DEFAULT_EXIT_THRESHOLD) if has_heads
                        else "the model has no exit heads"),
         "step-cache": (exact.replace(step_cache=0.1) if blocks
-                       else "the step cache covers transformers (a block list), not UNets"),
+                       else f"no block list for the step cache in {type(model).__name__} (DiT-style transformers only)"),
     }
     combined = exact.replace(todo=todo, int8=int8, cuda_graphs=device.type == "cuda",
                              adaptive_guidance=DEFAULT_ADAPTIVE_THRESHOLD if workload.guided else None)
@@ -145,6 +161,17 @@ def diffrt_configs(workload: Workload, names: list[str], device: torch.device) -
         combined = combined.replace(step_cache=0.1)
     options["combined"] = combined
     return {n: options[n] for n in names}
+
+
+def cacheable(model: Any) -> bool:
+    """Whether the step cache can wrap ``model`` (one sequential transformer block list)."""
+    from .step_cache import block_list  # noqa: PLC0415
+
+    try:
+        block_list(model)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 class Calibrations:
@@ -169,7 +196,7 @@ class Calibrations:
             uncond = inputs.uncond if w.guided else None
             calibration = calibrate(w.den, solver, steps, cond=inputs.cond, uncond=uncond,
                                     guidance_scale=inputs.guidance_scale, seeds=(CALIBRATION_SEED,), groups=groups,
-                                    progress=self.progress)
+                                    progress=self.progress, **scheduler_options(w, solver))
             path = self.folder / f"{w.name.replace('/', '_')}-{solver}-{steps}-{groups}"
             calibration.save(path)
             self._made[key] = path
@@ -203,7 +230,8 @@ def _diffrt_builder(workload: Workload, config: Acceleration | Path, solver: str
 
         acc = Acceleration.load(config) if isinstance(config, Path) else calibrations.resolve(config, solver, steps)
         fast = optimize(workload.den, config=config if isinstance(config, Path) else acc)
-        sampler = acc.sampler(fast, solver, steps, guidance_scale=inputs.guidance_scale)
+        sampler = acc.sampler(fast, solver, steps, guidance_scale=inputs.guidance_scale,
+                              **scheduler_options(workload, acc.solver or solver))
         return lambda: sampler.sample(inputs.noise, cond=inputs.cond, uncond=inputs.uncond, check=False)
     return build
 

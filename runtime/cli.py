@@ -207,7 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    workload = zoo.workload(args.model, device, args.resolution)
+    workload = zoo.workload(args.model, device, args.resolution, tiny=args.tiny)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     result = benchmark.run(workload, batch=args.batch, configs=configs, steps=args.steps, solver=args.solver,
                            dtype=DTYPES[args.dtype] if args.dtype else None, tuned=args.config, warmup=args.warmup,
@@ -236,7 +236,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    workload = zoo.workload(args.model, device, args.resolution)
+    workload = zoo.workload(args.model, device, args.resolution, tiny=args.tiny)
     if args.steps or args.solver:
         workload.steps, workload.solver = args.steps or workload.steps, args.solver or workload.solver
     axes = tuple(a.strip().replace("-", "_") for a in args.axes.split(",")) if args.axes else tune.AXES
@@ -341,6 +341,8 @@ def _workload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="the noise and conditions' seed")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tiny", action="store_true", help="the model family at toy sizes (CPU smoke tests; not a speed "
+                   "measurement)")
 
 
 def main(argv: list[str] | None = None) -> int:

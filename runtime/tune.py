@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from . import harness
 from .acceleration import Acceleration
-from .benchmark import Calibrations, Inputs, diffusers_sample, diffusers_scheduler, psnr_db
+from .benchmark import Calibrations, cacheable, Inputs, diffusers_sample, diffusers_scheduler, psnr_db, scheduler_options
 from .zoo import Workload
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def candidates(axis: str, workload: Workload, device: torch.device, steps: int, 
         heads = getattr(model, "exit_heads", None) is not None
         return [{"early_exit": v} for v in ((0.1, 0.2) if quick else (0.05, 0.1, 0.2, 0.3))] if heads else []
     if axis == "step_cache":
-        blocks = hasattr(model, "blocks") or hasattr(model, "transformer_blocks")
+        blocks = cacheable(model)
         return [{"step_cache": v} for v in ((0.1,) if quick else (0.05, 0.1, 0.15))] if blocks else []
     raise ValueError(f"unknown axis {axis!r}; one of {', '.join(AXES)}")
 
@@ -197,7 +197,8 @@ def _runner(workload: Workload, acc: Acceleration, inputs: Inputs) -> Callable[[
     from .optimized import optimize  # noqa: PLC0415
 
     fast = optimize(workload.den, config=acc)
-    sampler = acc.sampler(fast, workload.solver, workload.steps, guidance_scale=inputs.guidance_scale)
+    sampler = acc.sampler(fast, workload.solver, workload.steps, guidance_scale=inputs.guidance_scale,
+                          **scheduler_options(workload, acc.solver or workload.solver))
     return lambda: sampler.sample(inputs.noise, cond=inputs.cond, uncond=inputs.uncond, check=False)
 
 

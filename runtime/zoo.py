@@ -92,8 +92,13 @@ class Workload:
 NAMES = ("sd15-unet", "sdxl-unet", "dit-xl-2", "flux-like", "sd-turbo-stream", "lipsync", "digits-dit", "digits-unet")
 
 
-def workload(name: str, device: str | torch.device = "cpu", resolution: int | None = None, seed: int = 0) -> Workload:
-    """Build the named workload (module docstring) on ``device`` in fp32; ``resolution`` in pixels."""
+def workload(name: str, device: str | torch.device = "cpu", resolution: int | None = None, seed: int = 0,
+             tiny: bool = False) -> Workload:
+    """Build the named workload (module docstring) on ``device`` in fp32; ``resolution`` in pixels.
+
+    ``tiny``: the same architecture family and call convention at toy widths and depths, 64^2
+    pixels by default (CPU smoke tests of the whole path; not a speed measurement).
+    """
     device = torch.device(device)
     if name in ("digits-dit", "digits-unet"):
         return _digits(name, device, resolution)
@@ -101,7 +106,10 @@ def workload(name: str, device: str | torch.device = "cpu", resolution: int | No
                 "sd-turbo-stream": _sd_turbo, "lipsync": _lipsync}
     if name in builders:
         torch.manual_seed(seed)
-        return builders[name](device, resolution)
+        built = builders[name](device, resolution or (64 if tiny else None), tiny)
+        if tiny:
+            built.description = f"tiny {built.name} (toy widths, same call convention)"
+        return built
     if Path(name).is_dir():
         return _folder(Path(name), device, resolution)
     raise ValueError(f"unknown model {name!r}: one of {', '.join(NAMES)}, or a diffusers model folder")
@@ -109,8 +117,8 @@ def workload(name: str, device: str | torch.device = "cpu", resolution: int | No
 
 def _latent(resolution: int | None, default: int, factor: int = 8, multiple: int = 1) -> tuple[int, int]:
     pixels = resolution or default
-    if pixels % (factor * multiple):
-        raise ValueError(f"resolution {pixels} must be a multiple of {factor * multiple} for this model")
+    if pixels <= 0 or pixels % (factor * multiple):
+        raise ValueError(f"resolution {pixels} must be a positive multiple of {factor * multiple} for this model")
     return pixels, pixels // factor
 
 
@@ -133,82 +141,102 @@ def _digits(name: str, device: torch.device, resolution: int | None) -> Workload
                     sparse_tokens=0, sparse_block=16, description="shipped reference model")
 
 
-def _unet_condition(config: dict[str, Any], device: torch.device):
+TINY_UNET = {"block_out_channels": (32, 64), "layers_per_block": 1, "norm_num_groups": 8, "attention_head_dim": 8,
+             "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")}
+
+
+def _unet_condition(config: dict[str, Any], device: torch.device, tiny: bool):
     from diffusers import UNet2DConditionModel  # noqa: PLC0415
 
+    if tiny:
+        config = {**config, **TINY_UNET, "cross_attention_dim": 32}
+        config.pop("transformer_layers_per_block", None)
     return UNet2DConditionModel(**config).to(device).eval()
 
 
-def _sd15(device: torch.device, resolution: int | None) -> Workload:
+def _sd15(device: torch.device, resolution: int | None, tiny: bool) -> Workload:
     pixels, latent = _latent(resolution, 512)
-    unet = _unet_condition({"sample_size": latent, "cross_attention_dim": 768}, device)
+    unet = _unet_condition({"sample_size": latent, "cross_attention_dim": 768}, device, tiny)
     den = Denoiser.from_diffusers(unet, SD_SCHEDULE)
-    text = _randn(device, 77, 768)
+    text = _randn(device, 77, unet.config.cross_attention_dim)
     return Workload("sd15-unet", den, text, lambda batch: text(batch, 10**6), guidance_scale=7.5,
-                    scheduler_config=SD_SCHEDULE, resolution=pixels, description="SD1.5 UNet shape, random weights")
+                    scheduler_config=SD_SCHEDULE, resolution=pixels, todo_tokens=0 if tiny else 4096,
+                    description="SD1.5 UNet shape, random weights")
 
 
-def _sd_turbo(device: torch.device, resolution: int | None) -> Workload:
+def _sd_turbo(device: torch.device, resolution: int | None, tiny: bool) -> Workload:
     pixels, latent = _latent(resolution, 512)
     unet = _unet_condition({"sample_size": latent, "cross_attention_dim": 1024, "attention_head_dim": (5, 10, 20, 20),
-                            "use_linear_projection": True}, device)
+                            "use_linear_projection": True}, device, tiny)
     den = Denoiser.from_diffusers(unet, TURBO_SCHEDULE)
-    return Workload("sd-turbo-stream", den, _randn(device, 77, 1024), None, solver="euler", steps=1,
-                    scheduler_config=TURBO_SCHEDULE, resolution=pixels,
+    return Workload("sd-turbo-stream", den, _randn(device, 77, unet.config.cross_attention_dim), None, solver="euler",
+                    steps=1, scheduler_config=TURBO_SCHEDULE, resolution=pixels,
                     description="SD-Turbo UNet shape (SD 2.1), random weights, one step")
 
 
-def _sdxl(device: torch.device, resolution: int | None) -> Workload:
+def _sdxl(device: torch.device, resolution: int | None, tiny: bool) -> Workload:
     pixels, latent = _latent(resolution, 1024)
+    pooled, time_dim = (16, 8) if tiny else (1280, 256)
     unet = _unet_condition({
         "sample_size": latent, "block_out_channels": (320, 640, 1280), "layers_per_block": 2,
         "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
-        "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-        "projection_class_embeddings_input_dim": 2816}, device)
+        "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": time_dim,
+        "projection_class_embeddings_input_dim": pooled + 6 * time_dim}, device, tiny)
+    width = unet.config.cross_attention_dim
 
     def call(model, x, t, cond):
         text, extra = cond[:, :-1], cond[:, -1]
-        added = {"text_embeds": extra[:, :1280], "time_ids": extra[:, 1280:1286]}
+        added = {"text_embeds": extra[:, :pooled], "time_ids": extra[:, pooled:pooled + 6]}
         return model(x, t, encoder_hidden_states=text, added_cond_kwargs=added).sample
 
-    text = _randn(device, 77, 2048)
+    text = _randn(device, 77, width)
     time_ids = torch.tensor([pixels, pixels, 0, 0, pixels, pixels], dtype=torch.float32, device=device)
 
     def make(batch: int, seed: int) -> torch.Tensor:
-        cond = torch.cat([text(batch, seed), torch.zeros(batch, 1, 2048, device=device)], 1)
-        cond[:, -1, :1280] = torch.randn(batch, 1280, generator=torch.Generator().manual_seed(seed + 1)).to(device)
-        cond[:, -1, 1280:1286] = time_ids
+        cond = torch.cat([text(batch, seed), torch.zeros(batch, 1, width, device=device)], 1)
+        cond[:, -1, :pooled] = torch.randn(batch, pooled, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+        cond[:, -1, pooled:pooled + 6] = time_ids
         return cond
 
     den = Denoiser(unet, _schedule(SD_SCHEDULE), sample_shape=(4, latent, latent), call=call)
     return Workload("sdxl-unet", den, make, lambda batch: make(batch, 10**6), guidance_scale=5.0,
-                    scheduler_config=SD_SCHEDULE, resolution=pixels, description="SDXL base UNet shape, random weights")
+                    scheduler_config=SD_SCHEDULE, resolution=pixels, todo_tokens=0 if tiny else 4096,
+                    description="SDXL base UNet shape, random weights")
 
 
-def _dit_xl(device: torch.device, resolution: int | None) -> Workload:
+def _dit_xl(device: torch.device, resolution: int | None, tiny: bool) -> Workload:
     from diffusers import DiTTransformer2DModel  # noqa: PLC0415
 
     pixels, latent = _latent(resolution, 256, multiple=2)
-    model = DiTTransformer2DModel(num_layers=28, num_attention_heads=16, attention_head_dim=72, sample_size=latent,
-                                  patch_size=2, in_channels=4, out_channels=8, num_embeds_ada_norm=1000)
+    layers, heads, head_dim = (2, 2, 8) if tiny else (28, 16, 72)
+    model = DiTTransformer2DModel(num_layers=layers, num_attention_heads=heads, attention_head_dim=head_dim,
+                                  sample_size=latent, patch_size=2, in_channels=4, out_channels=8,
+                                  num_embeds_ada_norm=1000)
     den = Denoiser.from_diffusers(model.to(device).eval(), DIT_SCHEDULE)
     return Workload("dit-xl-2", den, lambda batch, seed: ((torch.arange(batch) * 97 + seed) % 1000).to(device),
                     lambda batch: torch.full((batch,), 1000, device=device), guidance_scale=4.0,
-                    scheduler_config=DIT_SCHEDULE, resolution=pixels, todo_tokens=1024,
+                    scheduler_config=DIT_SCHEDULE, resolution=pixels, todo_tokens=0 if tiny else 1024,
+                    sparse_tokens=0 if tiny else 1024, sparse_block=16 if tiny else 64,
                     description="DiT-XL/2 shape, random weights")
 
 
-def _flux_like(device: torch.device, resolution: int | None) -> Workload:
+def _flux_like(device: torch.device, resolution: int | None, tiny: bool) -> Workload:
     from diffusers import FluxTransformer2DModel  # noqa: PLC0415
 
     pixels, latent = _latent(resolution, 1024, multiple=2)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8,
-                                   attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                   pooled_projection_dim=768, guidance_embeds=False).to(device).eval()
-    side = latent // 2
-    text_tokens = 512
+    if tiny:
+        sizes = {"num_layers": 1, "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2,
+                 "joint_attention_dim": 32, "pooled_projection_dim": 16, "axes_dims_rope": (4, 6, 6)}
+        text_tokens = 8
+    else:
+        sizes = {"num_layers": 4, "num_single_layers": 8, "attention_head_dim": 128, "num_attention_heads": 24,
+                 "joint_attention_dim": 4096, "pooled_projection_dim": 768}
+        text_tokens = 512
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, guidance_embeds=False, **sizes).to(device).eval()
+    side, pooled = latent // 2, sizes["pooled_projection_dim"]
     ids = torch.zeros(side, side, 3, device=device)
     ids[..., 1] = torch.arange(side, device=device)[:, None]
     ids[..., 2] = torch.arange(side, device=device)[None, :]
@@ -217,24 +245,27 @@ def _flux_like(device: torch.device, resolution: int | None) -> Workload:
     def call(model, x, t, cond):
         b, c = x.shape[:2]
         packed = x.reshape(b, c, side, 2, side, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, side * side, c * 4)
-        out = model(hidden_states=packed, encoder_hidden_states=cond[:, :-1], pooled_projections=cond[:, -1, :768],
+        out = model(hidden_states=packed, encoder_hidden_states=cond[:, :-1], pooled_projections=cond[:, -1, :pooled],
                     timestep=t / 1000, img_ids=img_ids, txt_ids=txt_ids).sample
         return out.reshape(b, side, side, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
 
-    text = _randn(device, text_tokens + 1, 4096)
+    text = _randn(device, text_tokens + 1, sizes["joint_attention_dim"])
     den = Denoiser(model, _schedule(FLOW_SCHEDULE), sample_shape=(16, latent, latent), call=call)
     return Workload("flux-like", den, text, None, solver="flow-euler", scheduler_config=FLOW_SCHEDULE,
-                    resolution=pixels, description="Flux width (24x128 heads), 4 double + 8 single blocks, random weights")
+                    resolution=pixels, todo_tokens=0 if tiny else 4096, sparse_tokens=0 if tiny else 1024,
+                    sparse_block=16 if tiny else 64,
+                    description="Flux width (24x128 heads), 4 double + 8 single blocks, random weights")
 
 
-def _lipsync(device: torch.device, resolution: int | None) -> Workload:
+def _lipsync(device: torch.device, resolution: int | None, tiny: bool) -> Workload:
     from diffusers import UNet2DModel  # noqa: PLC0415
 
     pixels, latent = _latent(resolution, 256)
-    channels = (128, 256, 384, 512)
-    editor = UNet2DModel(sample_size=latent, in_channels=24, out_channels=4, layers_per_block=2,
-                         block_out_channels=channels, down_block_types=("DownBlock2D",) * 3 + ("AttnDownBlock2D",),
-                         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * 3).to(device).eval()
+    channels = (16, 32) if tiny else (128, 256, 384, 512)
+    editor = UNet2DModel(sample_size=latent, in_channels=24, out_channels=4, layers_per_block=1 if tiny else 2,
+                         block_out_channels=channels, norm_num_groups=8 if tiny else 32,
+                         down_block_types=("DownBlock2D",) * (len(channels) - 1) + ("AttnDownBlock2D",),
+                         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (len(channels) - 1)).to(device).eval()
     schedule = {**TURBO_SCHEDULE, "prediction_type": "sample"}
     den = Denoiser(editor, _schedule(schedule), sample_shape=(4, latent, latent),
                    call=lambda model, x, t, cond: model(torch.cat([x, cond.to(x.dtype)], 1), t).sample)
