@@ -20,8 +20,46 @@ from . import harness
 
 log = logging.getLogger(__name__)
 
-ROW_KEYS = ("config", "kind", "status")
-TIMED_KEYS = ("latency_ms", "repeats", "throughput_per_s", "speedup", "setup_s", "first_call_s", "peak_memory_mib")
+_NUMBER = {"type": "number"}
+_OPTIONAL_NUMBER = {"type": ["number", "null"]}
+_LATENCY = {"type": "object", "required": ["median", "p90", "p99"],
+            "properties": {k: {"type": "number", "exclusiveMinimum": 0} for k in ("median", "p90", "p99", "p20", "p80",
+                                                                              "min", "mean")}}
+ROW_SCHEMA = {
+    "type": "object",
+    "required": ["config", "kind", "status", "stamp"],
+    "properties": {
+        "config": {"type": "string"}, "kind": {"enum": ["baseline", "diffrt"]},
+        "status": {"enum": ["ok", "skipped", "error", "quality-fail"]}, "note": {"type": "string"},
+        "latency_ms": _LATENCY, "repeats": {"type": "integer", "minimum": 1},
+        "throughput_per_s": {"type": "number", "exclusiveMinimum": 0},
+        "speedup": {"type": "object", "additionalProperties": {"type": "number", "exclusiveMinimum": 0}},
+        "psnr_db": _NUMBER, "psnr_min_db": _NUMBER, "peak_memory_mib": _OPTIONAL_NUMBER,
+        "setup_s": {"type": "number", "minimum": 0}, "first_call_s": {"type": "number", "minimum": 0},
+        "exact": {"type": "boolean"}, "acceleration": {"type": "string"}, "acceleration_config": {"type": "object"},
+        "stamp": {"type": "object"},
+    },
+    "allOf": [{"if": {"properties": {"status": {"enum": ["ok", "quality-fail"]}}},
+               "then": {"required": ["latency_ms", "repeats", "throughput_per_s", "speedup", "setup_s",
+                                     "first_call_s"]}},
+              {"if": {"properties": {"status": {"enum": ["skipped", "error"]}}}, "then": {"required": ["note"]}}],
+}
+SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "diffrt bench result",
+    "type": "object",
+    "required": ["topic", "stamp", "workload", "settings", "rows"],
+    "properties": {
+        "topic": {"type": "string", "pattern": "^bench-"},
+        "stamp": {"type": "object", "required": ["device_type", "torch", "triton", "git_sha", "source_hash", "utc"],
+                  "if": {"properties": {"device_type": {"const": "cuda"}}},
+                  "then": {"required": ["gpu_name", "compute_capability", "driver", "cuda"]}},
+        "workload": {"type": "object", "required": ["model", "sample_shape", "solver", "steps"]},
+        "settings": {"type": "object", "required": ["batch", "solver", "steps", "dtype", "device", "reference"]},
+        "rows": {"type": "array", "minItems": 1, "items": ROW_SCHEMA},
+    },
+}
+"""The JSON schema of a ``diffrt bench`` result file (``jsonschema.validate(document, SCHEMA)``)."""
 
 
 def _speedup(name: str):

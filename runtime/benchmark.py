@@ -136,7 +136,7 @@ def diffrt_configs(workload: Workload, names: list[str], device: torch.device) -
     model = workload.den.model
     has_heads = getattr(model, "exit_heads", None) is not None
     blocks = cacheable(model)
-    todo = {"factor": 2, "min_tokens": workload.todo_tokens}
+    todo = {"factor": {str(workload.todo_level): 2}, "min_tokens": workload.todo_tokens}
     sparse = {"kind": "window", "radius": 2 if workload.sparse_block < 64 else 8, "q_block": workload.sparse_block,
               "k_block": workload.sparse_block, "min_tokens": workload.sparse_tokens}
     int8 = {"path": "pending", "groups": "auto"}

@@ -89,9 +89,9 @@ def candidates(axis: str, workload: Workload, device: torch.device, steps: int, 
     if axis == "int8":
         return [{"int8": {"path": "pending", "groups": "auto"}}] if isinstance(model, torch.nn.Module) else []
     if axis == "todo":
-        levels = ({0: 2}, {0: 2, 1: 2}) if not quick else ({0: 2},)
-        return [{"todo": {"factor": {str(k): v for k, v in lv.items()}, "min_tokens": workload.todo_tokens}}
-                for lv in levels]
+        finest = str(workload.todo_level)
+        levels = ({finest: 2},) if quick else ({finest: 2}, {finest: 2, str(workload.todo_level + 1): 2})
+        return [{"todo": {"factor": factor, "min_tokens": workload.todo_tokens}} for factor in levels]
     if axis == "sparse":
         block = workload.sparse_block
         radii = (3, 2) if block < 64 else (16, 8)

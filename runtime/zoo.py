@@ -55,7 +55,8 @@ class Workload:
     ``make_cond(batch, seed)`` / ``make_uncond(batch)`` give device tensors (``make_uncond`` is
     None without CFG). ``data_range`` is the span PSNR is taken over (2 for the pixel models;
     None: the reference output's peak-to-peak). ``todo_tokens`` / ``sparse_tokens``: the token
-    count from which the ToDo / sparse configurations apply (smaller for the 16^2 models).
+    count from which the ToDo / sparse configurations apply (smaller for the 16^2 models);
+    ``todo_level``: the finest token grid with self-attention (0: the sample's own grid, 1: half of it).
     """
 
     name: str
@@ -69,6 +70,7 @@ class Workload:
     resolution: int | None = None
     data_range: float | None = None
     todo_tokens: int = 4096
+    todo_level: int = 0
     sparse_tokens: int = 1024
     sparse_block: int = 64
     description: str = ""
@@ -138,6 +140,7 @@ def _digits(name: str, device: torch.device, resolution: int | None) -> Workload
     return Workload(name, den, lambda batch, seed: (torch.arange(batch) % 10).to(device),
                     lambda batch: torch.full((batch,), models.NULL_CLASS, device=device), guidance_scale=3.0,
                     scheduler_config=dict(card["scheduler"]), resolution=16, data_range=2.0, todo_tokens=0,
+                    todo_level=1 if name == "digits-unet" else 0,
                     sparse_tokens=0, sparse_block=16, description="shipped reference model")
 
 
@@ -204,7 +207,7 @@ def _sdxl(device: torch.device, resolution: int | None, tiny: bool) -> Workload:
     den = Denoiser(unet, _schedule(SD_SCHEDULE), sample_shape=(4, latent, latent), call=call)
     return Workload("sdxl-unet", den, make, lambda batch: make(batch, 10**6), guidance_scale=5.0,
                     scheduler_config=SD_SCHEDULE, resolution=pixels, todo_tokens=0 if tiny else 4096,
-                    description="SDXL base UNet shape, random weights")
+                    todo_level=0 if tiny else 1, description="SDXL base UNet shape, random weights")
 
 
 def _dit_xl(device: torch.device, resolution: int | None, tiny: bool) -> Workload:

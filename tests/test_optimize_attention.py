@@ -221,3 +221,14 @@ def test_dtype_conversion_copies_the_model(dit):
     assert fast.model is not dit.model and next(fast.model.parameters()).dtype == torch.bfloat16
     assert next(dit.model.parameters()).dtype == torch.float32
     assert optimize(dit).model is dit.model
+
+
+def test_cuda_graphs_wraps_the_model_call_and_is_eager_off_cuda(dit):
+    from diffrt.runtime.graphs import GraphDenoiser
+
+    graphed, plain = optimize(dit, cuda_graphs=True), optimize(dit)
+    assert isinstance(graphed, GraphDenoiser) and graphed.pad_batches
+    x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    t, y = torch.full((3,), 400.0), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(x, t, y), plain(x, t, y), rtol=0, atol=0)
