@@ -6,9 +6,11 @@ scheduler loop on the fp32 model, the output every other row is compared with. T
 
 1. build it (``setup_s``: copies, ``optimize``, INT8 calibration, ``torch.compile`` wrapping);
 2. one untimed call (``first_call_s``: compile, graph capture, autotuning happen here), whose
-   output is checked against the reference (PSNR; a non-finite output is an error, not timed);
-3. ``harness.measure``: warm-up calls, then timed whole samples (CUDA events on GPU):
-   latency p50 / p90 / p99 ms, throughput (samples / s at p50), peak GPU memory.
+   output is checked against the reference (PSNR; a non-finite output is an error, not timed),
+   then the warm-up calls; ``peak_memory_mib`` is what it adds at its peak (CUDA);
+3. timed whole samples (CUDA events on GPU), by default in rounds over all configurations (one
+   call of each per round, so drift hits every row alike): latency p50 / p90 / p99 ms and
+   throughput (samples / s at p50).
 
 Rows: the baselines ``diffusers-eager`` (the model in the benchmark dtype, its own attention:
 SDPA; the diffusers scheduler loop as the pipelines run it), ``diffusers-compile`` (the same
@@ -50,6 +52,7 @@ CONFIGS = ("exact", "graphs", "todo", "sparse", "int8", "adaptive-guidance", "ea
 EXACT_SLACK_DB = 3.0
 EXACT_CAP_DB = 60.0  # above this an exact row matches the reference as well as it can
 REFERENCE_SEED, CALIBRATION_SEED = 0, 1000
+PENDING = "pending"  # Acceleration(int8={"path": PENDING}): calibrate on the workload when the row is built
 
 
 @dataclass
@@ -139,7 +142,7 @@ def diffrt_configs(workload: Workload, names: list[str], device: torch.device) -
     todo = {"factor": {str(workload.todo_level): 2}, "min_tokens": workload.todo_tokens}
     sparse = {"kind": "window", "radius": 2 if workload.sparse_block < 64 else 8, "q_block": workload.sparse_block,
               "k_block": workload.sparse_block, "min_tokens": workload.sparse_tokens}
-    int8 = {"path": "pending", "groups": "auto"}
+    int8 = {"path": PENDING, "groups": "auto"}
     options: dict[str, Acceleration | str] = {
         "exact": exact,
         "graphs": exact.replace(cuda_graphs=True) if device.type == "cuda" else "CUDA graphs need a CUDA device",
@@ -175,7 +178,9 @@ def cacheable(model: Any) -> bool:
 
 
 class Calibrations:
-    """INT8 calibrations made on demand (per solver, steps and groups), saved under ``folder``."""
+    """INT8 calibrations made on demand (per solver, steps and groups), saved under ``folder``: an
+    ``int8={"path": PENDING, "groups": ...}`` request becomes the path of one calibrated on the
+    workload (other seeds than the benchmark's) at the configuration's solver and steps."""
 
     def __init__(self, workload: Workload, batch: int, folder: str | Path | None = None, progress: bool = True):
         self.workload, self.batch, self.progress = workload, batch, progress
@@ -184,7 +189,7 @@ class Calibrations:
 
     def resolve(self, acc: Acceleration, solver: str, steps: int) -> Acceleration:
         """``acc`` with a pending int8 request replaced by a saved calibration's path."""
-        if not isinstance(acc.int8, dict) or acc.int8.get("path") != "pending":
+        if not isinstance(acc.int8, dict) or acc.int8.get("path") != PENDING:
             return acc
         from diffrt.export import calibrate  # noqa: PLC0415
 
@@ -245,13 +250,17 @@ def psnr_db(candidate: torch.Tensor, reference: torch.Tensor, data_range: float 
     return values.mean().item(), values.min().item()
 
 
-def measure_row(name: str, kind: str, build: Callable[[], Callable[[], torch.Tensor]], reference: torch.Tensor | None,
-                workload: Workload, device: torch.device, batch: int, warmup: int, repeats: int,
-                max_seconds: float | None) -> dict[str, Any]:
-    """Build, check against the reference, then time one configuration (module docstring)."""
+def prepare_row(name: str, kind: str, build: Callable[[], Callable[[], torch.Tensor]], reference: torch.Tensor | None,
+                workload: Workload, device: torch.device, warmup: int) -> tuple[dict[str, Any], Callable | None]:
+    """Build one configuration, check its first output against the reference, warm it up.
+
+    Returns (row, the sampling function; None when it failed). ``peak_memory_mib`` (CUDA) is what the
+    configuration adds at its peak over the memory allocated before it was built (its model copy,
+    buffers, graph pools, activations)."""
     row: dict[str, Any] = {"config": name, "kind": kind, "status": "ok"}
     if device.type == "cuda":
-        torch.cuda.empty_cache()
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     try:
         start = time.perf_counter()
@@ -263,29 +272,54 @@ def measure_row(name: str, kind: str, build: Callable[[], Callable[[], torch.Ten
             harness.sync(device)
             row["first_call_s"] = time.perf_counter() - start
             if not torch.isfinite(out).all():
-                return {**row, "status": "error", "note": "non-finite output: not timed"}
+                return {**row, "status": "error", "note": "non-finite output: not timed"}, None
             if reference is not None:
                 row["psnr_db"], row["psnr_min_db"] = psnr_db(out.float(), reference, workload.data_range)
-            timing = harness.measure(fn, device, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
+            for _ in range(warmup):
+                fn()
+            harness.sync(device)
     except Exception as error:  # noqa: BLE001 - one failing configuration is a row, not the end of the run
         log.exception("%s failed", name)
-        return {**row, "status": "error", "note": f"{type(error).__name__}: {error}"}
-    stats = timing.stats(scale=1e3)
-    row.update({"latency_ms": {k: stats[k] for k in ("median", "p90", "p99", "p20", "p80", "min", "mean")},
-                "repeats": stats["count"], "throughput_per_s": batch / (stats["median"] / 1e3),
-                "peak_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None})
-    return row
+        return {**row, "status": "error", "note": f"{type(error).__name__}: {error}"}, None
+    if device.type == "cuda":
+        row["peak_memory_mib"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    else:
+        row["peak_memory_mib"] = None
+    return row, fn
+
+
+def time_rows(entries: list[tuple[dict[str, Any], Callable]], device: torch.device, batch: int, repeats: int,
+              max_seconds: float | None) -> None:
+    """Time whole samples in rounds, one call of every configuration per round, so that a machine's
+    drift (clocks, other load) spreads over all rows alike; stops after ``max_seconds`` per row
+    (at least 3 rounds). Fills latency, repeats and throughput into each row."""
+    seconds: list[list[float]] = [[] for _ in entries]
+    began = time.perf_counter()
+    with torch.no_grad():
+        for round_index in range(repeats):
+            for index, (_, fn) in enumerate(entries):
+                seconds[index].append(harness.measure(fn, device, warmup=0, repeats=1).seconds[0])
+            spent = time.perf_counter() - began
+            if max_seconds is not None and round_index >= 2 and spent > max_seconds * len(entries):
+                break
+    for (row, _), values in zip(entries, seconds):
+        stats = harness.Timing(values).stats(scale=1e3)
+        row.update({"latency_ms": {k: stats[k] for k in ("median", "p90", "p99", "p20", "p80", "min", "mean")},
+                    "repeats": stats["count"], "throughput_per_s": batch / (stats["median"] / 1e3)})
 
 
 def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, steps: int | None = None,
         solver: str | None = None, dtype: torch.dtype | None = None, tuned: str | Path | None = None,
         warmup: int = 2, repeats: int = 10, max_seconds: float | None = 60.0, compile_mode: str | None = None,
-        seed: int = REFERENCE_SEED, progress: bool = True) -> dict[str, Any]:
-    """Every requested row for ``workload`` (module docstring); returns {"rows", "workload", "settings"}."""
+        seed: int = REFERENCE_SEED, progress: bool = True, interleave: bool = True) -> dict[str, Any]:
+    """Every requested row for ``workload`` (module docstring); returns {"rows", "workload", "settings"}.
+
+    ``interleave``: all configurations stay built and are timed in rounds (:func:`time_rows`);
+    False times each right after building it and frees it before the next (less memory)."""
     device = workload.den.device or torch.device("cpu")
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     solver, steps = solver or workload.solver, steps or workload.steps
-    names = list(BASELINES + CONFIGS) if not configs or configs == ["all"] else list(configs)
+    names = list(BASELINES + CONFIGS) if not configs or configs == ["all"] else list(dict.fromkeys(configs))
     unknown = [n for n in names if n not in BASELINES + CONFIGS]
     if unknown:
         raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(BASELINES + CONFIGS)} "
@@ -297,7 +331,8 @@ def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, st
     baselines = _baseline_builders(workload, dtype, solver, steps, compile_mode, inputs)
     dtype_name = str(dtype).replace("torch.", "")
     accelerations = diffrt_configs(workload, [n for n in names if n in CONFIGS], device)
-    calibrations = Calibrations(workload, batch, progress=progress)
+    scratch = tempfile.TemporaryDirectory(prefix="diffrt-bench-calibration-")
+    calibrations = Calibrations(workload, batch, scratch.name, progress=progress)
     jobs: list[tuple[str, str, Any]] = [(n, "baseline", baselines[n]) for n in names if n in baselines]
     for name, acc in accelerations.items():
         acc = acc if isinstance(acc, str) else acc.replace(dtype=dtype_name)
@@ -306,22 +341,33 @@ def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, st
     if tuned is not None:
         jobs.append(("tuned", "diffrt", (_diffrt_builder(workload, Path(tuned), solver, steps, inputs, calibrations),
                                          Acceleration.load(tuned))))
-    rows = []
+    rows, timed = [], []
     for name, kind, job in tqdm(jobs, desc=f"bench {workload.name}", unit="config", disable=not progress):
         if isinstance(job, str):
             rows.append({"config": name, "kind": kind, "status": "skipped", "note": job})
             continue
         build, acc = job if isinstance(job, tuple) else (job, None)
         log.info("bench %s: %s", workload.name, name)
-        row = measure_row(name, kind, build, reference, workload, device, batch, warmup, repeats, max_seconds)
+        row, fn = prepare_row(name, kind, build, reference, workload, device, warmup)
         if acc is not None:
             row.update({"exact": acc.exact, "acceleration": acc.describe(), "acceleration_config": acc.to_dict()})
         rows.append(row)
+        if fn is not None and interleave:
+            timed.append((row, fn))
+        elif fn is not None:
+            time_rows([(row, fn)], device, batch, repeats, max_seconds)
+        del fn
         gc.collect()
+    if timed:
+        log.info("bench %s: timing %d configurations in %d rounds", workload.name, len(timed), repeats)
+        time_rows(timed, device, batch, repeats, max_seconds)
+    timed.clear()
+    scratch.cleanup()
     _speedups(rows)
     settings = {"batch": batch, "solver": solver, "steps": steps, "dtype": dtype_name, "device": str(device),
                 "guidance_scale": inputs.guidance_scale, "seed": seed, "warmup": warmup, "repeats": repeats,
-                "compile_mode": compile_mode, "reference": "diffusers loop, fp32 model, same noise"}
+                "compile_mode": compile_mode, "interleaved": interleave,
+                "reference": "diffusers loop, fp32 model, same noise"}
     return {"rows": rows, "workload": workload.summary(), "settings": settings}
 
 

@@ -212,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = benchmark.run(workload, batch=args.batch, configs=configs, steps=args.steps, solver=args.solver,
                            dtype=DTYPES[args.dtype] if args.dtype else None, tuned=args.config, warmup=args.warmup,
                            repeats=args.repeats, max_seconds=args.max_seconds, compile_mode=args.compile_mode,
-                           seed=args.seed, progress=not args.quiet)
+                           seed=args.seed, progress=not args.quiet, interleave=not args.serial)
     stamp = harness.environment_stamp(str(device))
     path = bench_report.write_json(args.out, result, stamp)
     print(bench_report.table(result))
@@ -313,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "max-autotune-no-cudagraphs on CUDA, default on CPU)")
     p.add_argument("--out", default="bench-out", help="folder for the JSON and the chart")
     p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--serial", action="store_true", help="time each configuration right after building it and free "
+                   "it before the next (less GPU memory; default: all built, timed in interleaved rounds)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("tune", help="the fastest configuration whose samples stay within a quality floor")
     _workload_arguments(p)

@@ -28,7 +28,16 @@ from tqdm.auto import tqdm
 
 from . import harness
 from .acceleration import Acceleration
-from .benchmark import Calibrations, cacheable, Inputs, diffusers_sample, diffusers_scheduler, psnr_db, scheduler_options
+from .benchmark import (
+    PENDING,
+    Calibrations,
+    Inputs,
+    cacheable,
+    diffusers_sample,
+    diffusers_scheduler,
+    psnr_db,
+    scheduler_options,
+)
 from .zoo import Workload
 
 log = logging.getLogger(__name__)
@@ -87,7 +96,7 @@ def candidates(axis: str, workload: Workload, device: torch.device, steps: int, 
         solvers = [workload.solver] if quick or workload.solver in ("flow-euler", "euler", "ddim") else [workload.solver, "unipc"]
         return [{"solver": s, "steps": n} for n in counts for s in solvers]
     if axis == "int8":
-        return [{"int8": {"path": "pending", "groups": "auto"}}] if isinstance(model, torch.nn.Module) else []
+        return [{"int8": {"path": PENDING, "groups": "auto"}}] if isinstance(model, torch.nn.Module) else []
     if axis == "todo":
         finest = str(workload.todo_level)
         levels = ({finest: 2},) if quick else ({finest: 2}, {finest: 2, str(workload.todo_level + 1): 2})

@@ -101,3 +101,18 @@ def test_bad_input_is_refused_with_a_message(tmp_path, caplog):
         assert bench("--model", "digits-dit", "--device", "cuda") == 2
         assert "torch sees no CUDA device" in caplog.text
     assert not list(tmp_path.glob("*.json"))  # nothing half-written
+
+
+def test_readme_performance_table_is_generated_from_the_recorded_results():
+    """README.md's table is exactly what bench/publish.py renders from bench/results (never typed by hand)."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    from bench import publish
+
+    text = (root / "README.md").read_text()
+    assert publish.replace_section(text, publish.render()) == text, "run python -m bench.publish"
+    for path in sorted((root / "bench" / "results").glob("*-bench-*.json")):  # what is published meets the schema
+        jsonschema.validate(json.loads(path.read_text()), SCHEMA)
