@@ -375,10 +375,14 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
     """Speedup over every timed baseline; quality-fail for exact rows well below the eager baseline's PSNR."""
     timed = {r["config"]: r["latency_ms"]["median"] for r in rows if r["status"] == "ok" and r["kind"] == "baseline"}
     eager_psnr = next((r.get("psnr_db") for r in rows if r["config"] == "diffusers-eager" and r["status"] == "ok"), None)
+    exact_psnr = next((r.get("psnr_db") for r in rows if r["config"] == "exact" and r["status"] == "ok"), None)
     for row in rows:
         if row["status"] != "ok":
             continue
         row["speedup"] = {name: ms / row["latency_ms"]["median"] for name, ms in timed.items()}
+        if row.get("exact") is False and exact_psnr is not None and row.get("psnr_db") == exact_psnr:
+            row["note"] = ("the same samples as 'exact': the option did not apply at this shape (e.g. fewer tokens "
+                           "than its min_tokens)")
         floor = None if eager_psnr is None else min(eager_psnr, EXACT_CAP_DB) - EXACT_SLACK_DB
         if row.get("exact") and floor is not None and row.get("psnr_db", math.inf) < floor:
             row["status"] = "quality-fail"
