@@ -91,9 +91,12 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    packages=["diffrt.runtime", "diffrt.runtime.solvers", "diffrt.runtime.models", "diffrt.kernels", "diffrt.export"],
-    package_dir={"diffrt.runtime": "runtime", "diffrt.kernels": "kernels", "diffrt.export": "export"},
-    package_data={"diffrt.runtime.models": ["weights/*.safetensors", "weights/*.json"]},
+    # diffrt.serve lives in runtime/serve/ (the top level is fixed) but is its own package: import it as diffrt.serve
+    packages=["diffrt.runtime", "diffrt.runtime.solvers", "diffrt.runtime.models", "diffrt.kernels", "diffrt.export",
+              "diffrt.serve"],
+    package_dir={"diffrt.runtime": "runtime", "diffrt.kernels": "kernels", "diffrt.export": "export",
+                 "diffrt.serve": "runtime/serve"},
+    package_data={"diffrt.runtime.models": ["weights/*.safetensors", "weights/*.json"], "diffrt.serve": ["*.yaml"]},
     ext_modules=[CMakeExtension("diffrt.kernels._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -6,6 +6,7 @@ on the same noise and model, and print per-step time and the parity between the 
 ``diffrt export onnx|tensorrt``: a model as ONNX (QDQ with ``--int8``) or TensorRT engines.
 ``diffrt bench``: a model's latency under the baselines and diffrt's configurations (table, JSON, chart).
 ``diffrt tune``: the fastest configuration within a quality floor, written for ``optimize(config=...)``.
+``diffrt serve``: an HTTP / WebSocket server with dynamic batching (FastAPI + uvicorn; diffrt.serve).
 """
 from __future__ import annotations
 
@@ -257,6 +258,30 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the FastAPI server under uvicorn until interrupted."""
+    try:
+        import uvicorn  # noqa: PLC0415
+
+        from diffrt.serve import ServeConfig, create_app  # noqa: PLC0415
+        from diffrt.serve.engine import DEFAULT_ACCELERATIONS  # noqa: PLC0415
+    except ImportError as error:
+        raise ImportError(f"diffrt serve needs the serve extra: pip install 'diffrt[serve]' ({error})") from error
+    accelerations = dict(DEFAULT_ACCELERATIONS)
+    for item in args.acceleration or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--acceleration takes NAME=PATH (a diffrt tune file), got {item!r}")
+        accelerations[name] = path
+    config = ServeConfig(models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+                         accelerations=accelerations, device=args.device, max_batch=args.max_batch,
+                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_streams=args.max_streams)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="debug" if args.verbose else "info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .solvers import PRESETS
 
@@ -327,6 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed samples per candidate")
     p.add_argument("--out", default="tuned.json", help="the config file (an INT8 calibration is saved beside it)")
     p.set_defaults(func=cmd_tune)
+    p = sub.add_parser("serve", help="an HTTP / WebSocket server with dynamic batching (POST /v1/generate, "
+                       "WS /v1/stream, /healthz, /metrics)")
+    p.add_argument("--models", default="digits-dit,digits-unet", help="comma-separated models to serve (zoo names; "
+                   "NAME:tiny for toy sizes)")
+    p.add_argument("--acceleration", action="append", help="NAME=PATH: offer a diffrt tune config under NAME "
+                   "(repeatable; 'exact' and 'fast' are built in)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests per model batch at most")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a request waits for others to batch with")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; more get 503 + Retry-After")
+    p.add_argument("--max-streams", type=int, default=4, help="concurrent /v1/stream connections")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,58 @@
+"""The Ray Serve deployment on a local Ray instance (CPU): two replicas, the request schema of diffrt serve,
+requests spread over both replicas and batched on each, errors answered as 4xx."""
+import base64
+import concurrent.futures
+import io
+import socket
+
+import pytest
+
+ray = pytest.importorskip("ray")
+httpx = pytest.importorskip("httpx")
+from ray import serve  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def url():
+    from diffrt.serve.ray import app
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(app({"models": ["digits-dit"], "max_batch": 8}, num_replicas=2, num_cpus=0.5), route_prefix="/")
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_requests_spread_over_two_replicas_and_share_batches(url):
+    from PIL import Image
+
+    def post(i):
+        body = {"model": "digits-dit", "class_label": i % 10, "steps": 3, "seed": i}
+        return httpx.post(url, json=body, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(post, range(32)))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    bodies = [r.json() for r in responses]
+    assert len({b["replica"] for b in bodies}) == 2  # Ray Serve's router used both replicas
+    assert max(b["batch_size"] for b in bodies) > 1  # @serve.batch gathered concurrent requests
+    assert Image.open(io.BytesIO(base64.b64decode(bodies[0]["png_base64"]))).size == (16, 16)
+
+
+def test_the_same_schema_and_errors_as_the_fastapi_server(url):
+    assert httpx.post(url, json={"model": "nope"}, timeout=60).status_code == 404
+    response = httpx.post(url, json={"model": "digits-dit", "steps": 0}, timeout=60)
+    assert response.status_code == 422 and "steps" in response.json()["error"]
+    response = httpx.post(url, json={"model": "digits-dit", "class_label": 3, "steps": 2, "output": "latents"},
+                          timeout=60)
+    assert response.status_code == 200 and response.json()["shape"] == [1, 16, 16]
