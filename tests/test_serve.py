@@ -206,3 +206,26 @@ def test_openapi_schema_describes_the_request():
     request = schema["components"]["schemas"]["GenerateRequest"]
     assert {"model", "class_label", "cond", "seed", "steps", "guidance_scale", "acceleration"} <= set(request["properties"])
     assert np.isfinite(request["properties"]["steps"]["maximum"])
+
+
+def test_load_script_smoke_run_writes_sane_rows(tmp_path):
+    """bench/load_serve.py on loopback, bounded (12 answers per level, 40 in the soak): it runs, the server
+    batches under concurrency, nothing fails. No speed is asserted."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("httpx")
+    from bench import load_serve
+
+    assert load_serve.main(["--out", str(tmp_path), "--quick", "--device", "cpu"]) == 0
+    document = json.loads(next(tmp_path.glob("*-serve-load.json")).read_text())
+    rows = document["rows"]
+    assert [r["phase"] for r in rows] == ["closed-loop", "closed-loop", "soak"]
+    for row in rows:
+        assert row["errors"] == {} and row["answered"] >= 12 and row["throughput_per_s"] > 0
+        assert 0 < row["latency_ms"]["p50"] <= row["latency_ms"]["p99"]
+    assert rows[1]["mean_batch"] > 1  # four concurrent clients were batched together
+    assert len(rows[2]["rss_mib"]) >= 3 and all(mib > 0 for _, mib in rows[2]["rss_mib"])
