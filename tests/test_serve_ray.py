@@ -56,3 +56,20 @@ def test_the_same_schema_and_errors_as_the_fastapi_server(url):
     response = httpx.post(url, json={"model": "digits-dit", "class_label": 3, "steps": 2, "output": "latents"},
                           timeout=60)
     assert response.status_code == 200 and response.json()["shape"] == [1, 16, 16]
+
+
+def test_the_cluster_config_file_is_a_valid_serve_config():
+    """runtime/serve/ray-cluster.yaml parses as a Ray Serve deploy config and names an importable builder."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    path = Path(__file__).resolve().parent.parent / "runtime" / "serve" / "ray-cluster.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    application = config.applications[0]
+    module, _, name = application.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    deployment = application.deployments[0]
+    assert deployment.ray_actor_options["num_gpus"] == 1 and deployment.autoscaling_config["max_replicas"] >= 2
