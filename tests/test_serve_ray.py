@@ -72,4 +72,4 @@ def test_the_cluster_config_file_is_a_valid_serve_config():
     module, _, name = application.import_path.partition(":")
     assert callable(getattr(importlib.import_module(module), name))
     deployment = application.deployments[0]
-    assert deployment.ray_actor_options["num_gpus"] == 1 and deployment.autoscaling_config["max_replicas"] >= 2
+    assert deployment.ray_actor_options.num_gpus == 1 and deployment.autoscaling_config["max_replicas"] >= 2
