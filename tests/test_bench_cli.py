@@ -116,3 +116,20 @@ def test_readme_performance_table_is_generated_from_the_recorded_results():
     assert publish.replace_section(text, publish.render()) == text, "run python -m bench.publish"
     for path in sorted((root / "bench" / "results").glob("*-bench-*.json")):  # what is published meets the schema
         jsonschema.validate(json.loads(path.read_text()), SCHEMA)
+
+
+def test_bench_takes_a_diffusers_model_folder(tmp_path, capsys):
+    from diffusers import DDPMScheduler
+
+    folder = tmp_path / "unet"
+    cli._tiny_unet(channels=1, size=8, seed=0).save_pretrained(folder)
+    DDPMScheduler(prediction_type="epsilon").save_config(folder)
+    out = tmp_path / "out"
+    code = cli.main(["bench", "--model", str(folder), "--batch", "2", "--steps", "2", "--warmup", "0", "--repeats", "1",
+                     "--configs", "diffusers-eager,exact,int8", "--quiet", "--no-chart", "--out", str(out)])
+    assert code == 0, capsys.readouterr().out
+    document = json.loads(next(out.glob("*-bench-unet.json")).read_text())
+    jsonschema.validate(document, SCHEMA)
+    rows = {row["config"]: row for row in document["rows"]}
+    assert document["workload"]["sample_shape"] == [1, 8, 8]
+    assert rows["exact"]["psnr_db"] > 100 and rows["int8"]["status"] == "ok"

@@ -89,6 +89,17 @@ def test_dpm_presets_match_the_scheduler(preset, overrides):
     assert ours.n_noise == (12 if "sde" in preset else 0)
 
 
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large", "learned"])
+def test_dpm_non_learned_variance_types_change_nothing(variance):
+    """A DDPM config's variance_type ("fixed_small") carried into DPM-Solver (diffusers' from_config does
+    that) is ignored by diffusers, so it is reproduced; a learned one is refused."""
+    if variance == "learned":
+        with pytest.raises(NotImplementedError, match="variance_type='learned'"):
+            plan_from_scheduler(DPMSolverMultistepScheduler(variance_type=variance), 10)
+        return
+    check_parity(DPMSolverMultistepScheduler, dict(SD, variance_type=variance, solver_order=2), 10)
+
+
 @pytest.mark.parametrize("option,value", [
     ("thresholding", True), ("variance_type", "learned_range"), ("use_beta_sigmas", True),
     ("use_dynamic_shifting", True),

@@ -51,8 +51,10 @@ from .sigmas import (
     zero_snr_alphas_cumprod,
 )
 
-UNSUPPORTED = {"thresholding": False, "variance_type": None, "use_beta_sigmas": False, "use_flow_sigmas": False,
+UNSUPPORTED = {"thresholding": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
                "use_dynamic_shifting": False}
+LEARNED_VARIANCE = ("learned", "learned_range")  # diffusers then keeps the first 3 output channels; other values
+                                                 # (a DDPM config's "fixed_small") change nothing in this scheduler
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 DPM_KEYS = MULTISTEP_KEYS + ("euler_at_final", "use_lu_lambdas", "final_sigmas_type", "lambda_min_clipped",
                              "variance_type", "rescale_betas_zero_snr")
@@ -161,6 +163,9 @@ def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict)
     name = "DPMSolverMultistepScheduler"
     check_known_options(config, DPM_KEYS, name)
     check_unsupported(config, UNSUPPORTED, name)
+    if config.get("variance_type") in LEARNED_VARIANCE:
+        raise NotImplementedError(f"{name}: option variance_type={config['variance_type']!r} is not reproduced by diffrt "
+                                  "(give the Denoiser a call that returns the predicted mean only)")
     if step_options:
         raise NotImplementedError(f"{name}: step options {sorted(step_options)} are not reproduced")
     ptype = vp_schedule(schedule, name)
