@@ -324,7 +324,7 @@ def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, st
     if unknown:
         raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(BASELINES + CONFIGS)} "
                          "or 'all'")
-    compile_mode = compile_mode or ("max-autotune-no-cudagraphs" if device.type == "cuda" else "default")
+    compile_mode = compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
     inputs = Inputs.make(workload, batch, seed)
     with torch.no_grad():
         reference = diffusers_sample(workload.den, diffusers_scheduler(workload, solver), steps, inputs).float()

@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="timed samples per configuration")
     p.add_argument("--max-seconds", type=float, default=60.0, help="cap on one configuration's timed repeats")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode of the compile baseline (default: "
-                   "max-autotune-no-cudagraphs on CUDA, default on CPU)")
+                   "reduce-overhead on CUDA, default on CPU)")
     p.add_argument("--out", default="bench-out", help="folder for the JSON and the chart")
     p.add_argument("--no-chart", action="store_true")
     p.add_argument("--serial", action="store_true", help="time each configuration right after building it and free "
