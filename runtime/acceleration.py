@@ -81,7 +81,9 @@ class Acceleration:
             levels = ",".join(f"{k}:{v}" for k, v in factor.items()) if isinstance(factor, dict) else factor
             parts.append(f"todo={levels}")
         if self.sparse:
-            parts.append(f"sparse={self.sparse.get('kind', 'window')}")
+            kind = self.sparse.get("kind", "window")
+            detail = f"r{self.sparse.get('radius', 8)}" if kind == "window" else f"tau{self.sparse.get('tau')}"
+            parts.append(f"sparse={kind}:{detail}")
         if self.int8:
             parts.append("int8" if self.int8 == "dynamic" else f"int8[{self.int8.get('groups', 'cal')}]")
         for name, value in (("ag", self.adaptive_guidance), ("exit", self.early_exit), ("cache", self.step_cache)):
