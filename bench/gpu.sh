@@ -21,7 +21,8 @@
 #   BENCH_ARGS         extra arguments for bench.bench_sampler (e.g. "--solvers ddim,unipc")
 #   ATTENTION_ARGS     extra arguments for bench.bench_attention (e.g. "--cases sd15-512-l0,dit-xl-512")
 #   INT8_ARGS          arguments for bench.bench_int8 (default "--e2e"; e.g. "--batches 2")
-#   BENCH_CLI_MODELS   models for `diffrt bench` (default sd15-unet: the issue-9 goal's shape, 512^2, CFG 7.5)
+#   BENCH_CLI_MODELS   models for `diffrt tune` + `diffrt bench` (default sd15-unet: the issue-9 goal's shape, 512^2, CFG 7.5)
+#   TUNE_FLOOR         diffrt tune's PSNR floor in dB (default 30)
 #   BENCH_CLI_ARGS     extra arguments for `diffrt bench` (e.g. "--configs diffusers-eager,exact,graphs --batch 2")
 #   PYTEST_WORKERS     xdist workers for the CPU tier (default 8; 0 runs it in one process)
 set -u -o pipefail
@@ -131,12 +132,22 @@ run_bench_sampler() {
     tee /tmp/bench_sampler.out
 }
 
+# diffrt tune (floor TUNE_FLOOR dB, default 30) then diffrt bench with every configuration and the tuned one:
+# the issue-9 goals in one stage. The tuned config is copied to DIR (its calibration stays in /tmp).
 run_bench_cli() {
   local model rc=0
   for model in ${BENCH_CLI_MODELS:-sd15-unet}; do
+    local tuned=/tmp/diffrt-tuned/$model.json config=()
+    if env TRITON_INTERPRET=0 $PY -m diffrt.runtime.cli tune --model "$model" --device cuda --quiet --batch 1 \
+        --quality-floor "${TUNE_FLOOR:-30}" --out "$tuned"; then
+      cp "$tuned" "$DIR/tuned-$model.json"
+      config=(--config "$tuned")
+    else
+      rc=1
+    fi
     # shellcheck disable=SC2086
     env TRITON_INTERPRET=0 $PY -m diffrt.runtime.cli bench --model "$model" --device cuda --quiet --out "$DIR" \
-      ${BENCH_CLI_ARGS:-} || rc=1
+      "${config[@]}" ${BENCH_CLI_ARGS:-} || rc=1
   done
   return $rc
 }
