@@ -333,42 +333,61 @@ def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, st
     accelerations = diffrt_configs(workload, [n for n in names if n in CONFIGS], device)
     scratch = tempfile.TemporaryDirectory(prefix="diffrt-bench-calibration-")
     calibrations = Calibrations(workload, batch, scratch.name, progress=progress)
-    jobs: list[tuple[str, str, Any]] = [(n, "baseline", baselines[n]) for n in names if n in baselines]
+    jobs = []
+    for name in (n for n in names if n in baselines):  # a baseline is a builder, or why it cannot run here
+        build = baselines[name]
+        jobs.append(_Job(name, "baseline", skip=build) if isinstance(build, str) else _Job(name, "baseline", build))
     for name, acc in accelerations.items():
-        acc = acc if isinstance(acc, str) else acc.replace(dtype=dtype_name)
-        jobs.append((name, "diffrt", acc if isinstance(acc, str) else
-                     (_diffrt_builder(workload, acc, solver, steps, inputs, calibrations), acc)))
+        if isinstance(acc, str):
+            jobs.append(_Job(name, "diffrt", skip=acc))
+        else:
+            acc = acc.replace(dtype=dtype_name)
+            jobs.append(_Job(name, "diffrt", _diffrt_builder(workload, acc, solver, steps, inputs, calibrations),
+                             acc=acc))
     if tuned is not None:
-        jobs.append(("tuned", "diffrt", (_diffrt_builder(workload, Path(tuned), solver, steps, inputs, calibrations),
-                                         Acceleration.load(tuned))))
+        jobs.append(_Job("tuned", "diffrt", _diffrt_builder(workload, Path(tuned), solver, steps, inputs, calibrations),
+                         acc=Acceleration.load(tuned)))
     rows, timed = [], []
-    for name, kind, job in tqdm(jobs, desc=f"bench {workload.name}", unit="config", disable=not progress):
-        if isinstance(job, str):
-            rows.append({"config": name, "kind": kind, "status": "skipped", "note": job})
-            continue
-        build, acc = job if isinstance(job, tuple) else (job, None)
-        log.info("bench %s: %s", workload.name, name)
-        row, fn = prepare_row(name, kind, build, reference, workload, device, warmup)
-        if acc is not None:
-            row.update({"exact": acc.exact, "acceleration": acc.describe(), "acceleration_config": acc.to_dict()})
-        rows.append(row)
-        if fn is not None and interleave:
-            timed.append((row, fn))
-        elif fn is not None:
-            time_rows([(row, fn)], device, batch, repeats, max_seconds)
-        del fn
-        gc.collect()
-    if timed:
-        log.info("bench %s: timing %d configurations in %d rounds", workload.name, len(timed), repeats)
-        time_rows(timed, device, batch, repeats, max_seconds)
-    timed.clear()
-    scratch.cleanup()
+    try:
+        for job in tqdm(jobs, desc=f"bench {workload.name}", unit="config", disable=not progress):
+            if job.skip is not None:
+                rows.append({"config": job.name, "kind": job.kind, "status": "skipped", "note": job.skip})
+                continue
+            log.info("bench %s: %s", workload.name, job.name)
+            row, fn = prepare_row(job.name, job.kind, job.build, reference, workload, device, warmup)
+            if job.acc is not None:
+                row.update({"exact": job.acc.exact, "acceleration": job.acc.describe(),
+                            "acceleration_config": job.acc.to_dict()})
+            rows.append(row)
+            if fn is not None and interleave:
+                timed.append((row, fn))
+            elif fn is not None:
+                time_rows([(row, fn)], device, batch, repeats, max_seconds)
+            del fn
+            gc.collect()
+        if timed:
+            log.info("bench %s: timing %d configurations in %d rounds", workload.name, len(timed), repeats)
+            time_rows(timed, device, batch, repeats, max_seconds)
+    finally:
+        timed.clear()
+        scratch.cleanup()
     _speedups(rows)
     settings = {"batch": batch, "solver": solver, "steps": steps, "dtype": dtype_name, "device": str(device),
                 "guidance_scale": inputs.guidance_scale, "seed": seed, "warmup": warmup, "repeats": repeats,
                 "compile_mode": compile_mode, "interleaved": interleave,
                 "reference": "diffusers loop, fp32 model, same noise"}
     return {"rows": rows, "workload": workload.summary(), "settings": settings}
+
+
+@dataclass
+class _Job:
+    """One row to produce: how to build it, or why it is skipped; ``acc`` for diffrt rows."""
+
+    name: str
+    kind: str
+    build: Callable[[], Callable[[], torch.Tensor]] | None = None
+    skip: str | None = None
+    acc: Acceleration | None = None
 
 
 def _speedups(rows: list[dict[str, Any]]) -> None:
