@@ -54,19 +54,31 @@ def test_generate_round_trips_png_and_latents_equal_to_offline_sampling():
 
 
 def test_concurrent_compatible_requests_share_a_batch_and_other_settings_do_not():
+    def bodies(**extra):
+        return [{"model": "digits-dit", "class_label": i, "steps": 3, "seed": i, "output": "latents",
+                 **{k: (v(i) if callable(v) else v) for k, v in extra.items()}} for i in range(6)]
+
     with _client(max_batch=6) as client:
-        same = _concurrently(client, [{"model": "digits-dit", "class_label": i, "steps": 3, "seed": i,
-                                       "output": "latents"} for i in range(6)])
+        same = _concurrently(client, bodies())
         assert [r.json()["batch_size"] for r in same] == [6] * 6  # merged into one model batch
-        mixed = _concurrently(client, [{"model": "digits-dit", "class_label": i, "steps": 3, "seed": i,
-                                        "guidance_scale": 3.0 if i % 2 else 2.0, "output": "latents"}
-                                       for i in range(6)])
-        assert [r.json()["batch_size"] for r in mixed] == [3] * 6  # one batch per guidance scale
-        alone = _latents(client.post("/v1/generate", json={"model": "digits-dit", "class_label": 1, "steps": 3,
-                                                           "seed": 1, "output": "latents"}))
+        scales = lambda i: 3.0 if i % 2 else 2.0  # noqa: E731
+        mixed = _concurrently(client, bodies(guidance_scale=scales))
+        assert [r.json()["batch_size"] for r in mixed] == [6] * 6  # guidance is combined per row: one batch
+        adaptive = _concurrently(client, bodies(guidance_scale=scales, acceleration="fast"))
+        assert [r.json()["batch_size"] for r in adaptive] == [3] * 6  # adaptive guidance decides per scale
+        steps = _concurrently(client, bodies(steps=lambda i: 3 if i % 2 else 4))
+        assert [r.json()["batch_size"] for r in steps] == [3] * 6  # one plan per batch: one per step count
+        alone = _latents(client.post("/v1/generate", json=bodies()[1]))
         torch.testing.assert_close(_latents(same[1]), alone, rtol=1e-4, atol=1e-4)  # batching changes nothing
         metrics = client.get("/metrics").text
-    assert "diffrt_batch_size_count 4.0" in metrics and 'diffrt_requests_total{status="200"}' in metrics
+    assert "diffrt_batch_size_count 7.0" in metrics and 'diffrt_requests_total{status="200"}' in metrics
+    den = models.load("digits-dit")
+    for i in (0, 1):  # each row of the mixed batch is its own scale's sample
+        noise = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            offline = Sampler(den, "dpmpp-2m", 3, guidance_scale=scales(i)).sample(
+                noise, cond=torch.tensor([i]), uncond=torch.tensor([models.NULL_CLASS]))
+        torch.testing.assert_close(_latents(mixed[i]), offline[0], rtol=1e-4, atol=1e-4)
 
 
 def test_a_full_queue_answers_503_with_retry_after_and_the_server_recovers():

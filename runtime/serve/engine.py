@@ -5,10 +5,13 @@ and the Ray Serve deployment (with ``@serve.batch``). Models are :mod:`diffrt.ru
 workloads (the shipped ``digits-dit`` / ``digits-unet``, or any zoo name; ``name:tiny`` for the toy
 sizes), loaded on first use; each request names a model, an acceleration the server offers
 (:class:`~diffrt.runtime.acceleration.Acceleration`, from a preset or a ``diffrt tune`` file), a
-solver, steps and guidance. Requests with the same :meth:`Engine.key` share one model batch:
-the plan (solver, steps) and the guidance scale are one per batch in diffrt's sampler (its
-coefficient table is shared by the rows), so different settings form separate batches. One lock
-serialises the device between batches and stream ticks.
+solver, steps and guidance. Requests with the same :meth:`Engine.key` share one model batch. The
+plan (solver, steps) is one per batch: its coefficient table is shared by the rows, so different
+step counts or solvers form separate batches. Guidance scales may differ within a batch: the
+rows' classifier-free guidance is combined per row (``u + g_row (c - u)``, as diffusers' pipelines
+do) before the unguided plan's step (:class:`RowGuidance`), except under an acceleration whose
+adaptive guidance or early exit decides per step inside the sampler: there the scale is part of
+the key. One lock serialises the device between batches and stream ticks.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import torch
 
 from diffrt.runtime import zoo
 from diffrt.runtime.acceleration import Acceleration
+from diffrt.runtime.denoiser import Denoiser
 
 from .schema import GenerateRequest, StreamConfig
 
@@ -122,6 +126,32 @@ def decode_npy(data: bytes) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32))
 
 
+class RowGuidance(Denoiser):
+    """Classifier-free guidance with one scale per row: ``u + scales[row] * (c - u)`` from one doubled model
+    call (unconditional rows first), so the Sampler runs the unguided plan on the combined prediction."""
+
+    def __init__(self, base: Denoiser, uncond: torch.Tensor, scales: torch.Tensor):
+        super().__init__(base.model, base.schedule, sample_shape=base.sample_shape, call=base._call, dtype=base.dtype)
+        self.base, self.uncond, self.scales = base, uncond, scales
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        both = torch.cat([self.uncond, cond]) if torch.is_tensor(cond) else None
+        out_u, out_c = self.base(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        scale = self.scales.to(out_c.dtype).reshape(-1, *[1] * (out_c.dim() - 1))
+        return out_u + scale * (out_c - out_u)
+
+    def check_plan(self, plan) -> None:
+        check = getattr(self.base, "check_plan", None)
+        if check is not None:
+            check(plan)
+
+    def reset_cache(self) -> None:
+        reset = getattr(self.base, "reset_cache", None)
+        if reset is not None:
+            reset()
+
+
 class Engine:
     """Models, samplers and the device lock of one server process (module docstring)."""
 
@@ -178,12 +208,14 @@ class Engine:
     def pixels(workload: zoo.Workload) -> bool:
         return workload.data_range == 2.0 and workload.den.sample_shape[0] in (1, 3)
 
-    @staticmethod
-    def key(request: GenerateRequest) -> tuple:
-        """Requests with equal keys share a model batch."""
+    def key(self, request: GenerateRequest) -> tuple:
+        """Requests with equal keys share a model batch: (model, acceleration, solver, steps, guidance, cond kind),
+        guidance being None (unguided), "per-row" (any scales, combined per row) or the scale itself."""
         guided = request.guidance_scale is not None and request.guidance_scale != 1.0
-        return (request.model, request.acceleration, request.solver, request.steps,
-                request.guidance_scale if guided else None, request.cond is not None)
+        acc = self.config.accelerations.get(request.acceleration)
+        per_row = acc is not None and acc.adaptive_guidance is None and acc.early_exit is None
+        guidance = None if not guided else ("per-row" if per_row else request.guidance_scale)
+        return (request.model, request.acceleration, request.solver, request.steps, guidance, request.cond is not None)
 
     # ------------------------------------------------------------------ sampling
 
@@ -192,6 +224,7 @@ class Engine:
         from diffrt.runtime.optimized import optimize  # noqa: PLC0415
 
         model, acceleration, solver, steps, guidance, _ = key
+        guidance = None if guidance == "per-row" else guidance  # the unguided plan: RowGuidance combines CFG
         if key in self._samplers:
             self._samplers.move_to_end(key)
             return self._samplers[key]
@@ -218,6 +251,13 @@ class Engine:
         uncond = workload.make_uncond(len(requests)) if guided and workload.make_uncond else None
         with self.lock:
             sampler = self._sampler(key, workload)
+            if key[4] == "per-row":
+                from diffrt.runtime import Sampler  # noqa: PLC0415
+
+                scales = torch.tensor([r.guidance_scale for r in requests], dtype=torch.float32, device=self.device)
+                sampler = Sampler.from_plan(RowGuidance(sampler.denoiser, uncond, scales), sampler.plan,
+                                            backend=sampler.backend)
+                guided = False  # the wrapper runs both branches
             start = time.perf_counter()
             with torch.no_grad():
                 out = sampler.sample(noise, cond=cond, uncond=uncond if guided else None)
