@@ -9,7 +9,7 @@ answers or ``--seconds`` have passed: throughput (answers / s), latency p50 / p9
 (non-200), and the mean model batch the server formed (``X-Diffrt-Batch-Size``). **Soak**: ``--soak``
 requests at the top concurrency with a cheap request (2 steps); the process's resident memory
 (VmRSS) is sampled every ``--soak-every`` answers, and the growth over the second half of the run
-(after the allocator warmed up) is reported per 1000 requests: flat memory means ~0.
+(after the allocator warmed up; a least-squares slope) is reported per 1000 requests: flat memory means ~0.
 Writes ``<device>-<yyyymmdd>-serve-load.json`` through the harness (stamped rows).
 """
 from __future__ import annotations
@@ -126,10 +126,19 @@ def soak(url: str, body: dict, concurrency: int, requests: int, every: int) -> d
     result = asyncio.run(closed_loop(url, body, concurrency, requests, float("inf"), on_answer))
     samples.append((result["answered"] + sum(result["errors"].values()), rss_mib()))
     half = [s for s in samples if s[0] >= samples[-1][0] / 2]
-    growth = (half[-1][1] - half[0][1]) / max(1, half[-1][0] - half[0][0]) * 1000 if len(half) > 1 else None
+    growth = _slope(half) * 1000 if len(half) > 2 else None
     return {**result, "phase": "soak", "rss_mib": samples, "rss_growth_mib_per_1000_second_half": growth,
             "rss_start_mib": samples[0][1], "rss_end_mib": samples[-1][1],
             "rss_max_mib": max(s[1] for s in samples)}
+
+
+def _slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of (requests, MiB): robust to the allocator's ups and downs between samples."""
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / spread if spread else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:

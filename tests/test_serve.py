@@ -241,3 +241,28 @@ def test_load_script_smoke_run_writes_sane_rows(tmp_path):
         assert 0 < row["latency_ms"]["p50"] <= row["latency_ms"]["p99"]
     assert rows[1]["mean_batch"] > 1  # four concurrent clients were batched together
     assert len(rows[2]["rss_mib"]) >= 3 and all(mib > 0 for _, mib in rows[2]["rss_mib"])
+
+
+def test_the_engine_keeps_no_tensors_from_batch_to_batch():
+    """A leak check for the soak's claim: after warm-up, more batches (per-row guidance, so a fresh
+    RowGuidance sampler per batch) leave the number of live tensors unchanged."""
+    import gc
+
+    from diffrt.serve.engine import Engine
+    from diffrt.serve.schema import GenerateRequest
+
+    engine = Engine(ServeConfig(models=("digits-dit",)))
+    requests = [GenerateRequest(model="digits-dit", class_label=i, steps=2, seed=i, output="latents",
+                                guidance_scale=3.0 if i % 2 else 2.0) for i in range(4)]
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    for _ in range(3):
+        engine.run(requests)
+    before = live_tensors()
+    for _ in range(25):
+        results = engine.run(requests)
+    del results
+    assert live_tensors() == before
