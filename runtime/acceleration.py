@@ -10,7 +10,8 @@
 * ``todo``: ToDo keyword arguments ({"factor": 2, "min_tokens": 4096, "mode": "nearest"}).
 * ``sparse``: :class:`~diffrt.runtime.attention.Sparse` keyword arguments.
 * ``int8``: None, "dynamic", or a calibration: {"path": saved calibration (relative to the
-  config file), "groups": ...}. A calibration is bound to its model's weights (hash checked).
+  config file in the file; :meth:`Acceleration.load` makes it absolute), "groups": ...}. A
+  calibration is bound to its model's weights (hash checked).
 * ``adaptive_guidance``, ``early_exit``, ``step_cache``: thresholds (Sampler / optimize options).
 * ``cuda_graphs``: capture the model call per shape bucket (power-of-two batch buckets); with early
   exit the segments between exits are captured instead (not with a calibration: their graphs
@@ -161,7 +162,10 @@ class Acceleration:
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not JSON: {error}") from error
         data.pop("tuning", None)
-        return cls.from_dict(data)
+        acc = cls.from_dict(data)
+        if isinstance(acc.int8, dict) and not Path(acc.int8["path"]).is_absolute():  # saved relative to the file
+            acc = acc.replace(int8={**acc.int8, "path": str((path.parent / acc.int8["path"]).resolve())})
+        return acc
 
 
 def resolve(config: Acceleration | str | Path | dict | None) -> tuple[Acceleration | None, Path | None]:

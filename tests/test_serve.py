@@ -266,3 +266,23 @@ def test_the_engine_keeps_no_tensors_from_batch_to_batch():
         results = engine.run(requests)
     del results
     assert live_tensors() == before
+
+
+def test_a_tuned_int8_config_is_served_from_another_working_directory(tmp_path, monkeypatch):
+    """--acceleration NAME=PATH: the config's calibration path is relative to the file, not to the server's cwd."""
+    from diffrt.export import calibrate
+    from diffrt.runtime.acceleration import Acceleration
+
+    den = models.load("digits-dit")
+    labels = torch.arange(4)
+    calibrate(den, "dpmpp-2m", 3, cond=labels, uncond=torch.full_like(labels, models.NULL_CLASS), seeds=(9,),
+              progress=False).save(tmp_path / "cfg" / "calibration")
+    config = Acceleration(steps=3, int8={"path": "calibration", "groups": "auto"}).save(tmp_path / "cfg" / "tuned.json")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with _client(accelerations={"tuned": str(config)}) as client:
+        response = client.post("/v1/generate", json={"model": "digits-dit", "class_label": 2, "steps": 3,
+                                                      "acceleration": "tuned", "output": "latents"})
+        assert response.status_code == 200, response.text
+        wrong_plan = client.post("/v1/generate", json={"model": "digits-dit", "steps": 5, "acceleration": "tuned"})
+        assert wrong_plan.status_code == 400 and "steps=3" in wrong_plan.json()["error"]  # not silently overridden

@@ -186,6 +186,12 @@ class Engine:
                                     f"{', '.join(self.config.accelerations)}")
         if request.solver not in PRESETS:
             raise RequestError(400, f"unknown solver {request.solver!r}; one of {', '.join(sorted(PRESETS))}")
+        acc = self.config.accelerations[request.acceleration]
+        for option in ("solver", "steps"):
+            pinned = getattr(acc, option)
+            if pinned is not None and pinned != getattr(request, option):
+                raise RequestError(400, f"acceleration {request.acceleration!r} samples with {option}={pinned!r} (its "
+                                        f"tuned plan); ask for {option}={pinned!r} or another acceleration")
         example = workload.make_cond(1, 0)
         if torch.is_tensor(example) and example.dim() == 1:  # class labels
             if request.cond is not None:
