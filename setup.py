@@ -1,7 +1,8 @@
 """Build script: the Python packages, and csrc/ through CMake into ``diffrt.kernels._C``.
 
-``diffrt`` is a namespace whose three packages live in top-level folders (see DESIGN.md):
-``runtime/ -> diffrt.runtime``, ``kernels/ -> diffrt.kernels``, ``export/ -> diffrt.export``.
+``diffrt`` is a namespace whose packages live in top-level folders (README, Architecture):
+``runtime/ -> diffrt.runtime``, ``kernels/ -> diffrt.kernels``, ``export/ -> diffrt.export``,
+``bench/ -> diffrt.bench``, and ``runtime/serve/ -> diffrt.serve``.
 Metadata and dependencies are in pyproject.toml.
 
 The extension is built by CMake (CMakeLists.txt), driven by :class:`CMakeBuild`:
@@ -91,11 +92,12 @@ class CMakeBuild(build_ext):
 
 
 setup(
-    # diffrt.serve lives in runtime/serve/ (the top level is fixed) but is its own package: import it as diffrt.serve
+    # diffrt.serve lives in runtime/serve/ (the top level is fixed) but is its own package: import it as diffrt.serve;
+    # diffrt.bench is the bench/ folder (the benchmarking and tuning tools, apart from the runtime)
     packages=["diffrt.runtime", "diffrt.runtime.solvers", "diffrt.runtime.models", "diffrt.kernels", "diffrt.export",
-              "diffrt.serve"],
+              "diffrt.serve", "diffrt.bench"],
     package_dir={"diffrt.runtime": "runtime", "diffrt.kernels": "kernels", "diffrt.export": "export",
-                 "diffrt.serve": "runtime/serve"},
+                 "diffrt.serve": "runtime/serve", "diffrt.bench": "bench"},
     package_data={"diffrt.runtime.models": ["weights/*.safetensors", "weights/*.json"], "diffrt.serve": ["*.yaml"]},
     ext_modules=[CMakeExtension("diffrt.kernels._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},

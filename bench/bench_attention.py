@@ -1,6 +1,6 @@
 """Attention benchmark: diffrt's Triton kernel against torch SDPA's backends and FlexAttention.
 
-    python -m bench.bench_attention --out DIR [--device cuda] [--cases sd15-512,dit-xl-512] [--quick]
+    python -m diffrt.bench.bench_attention --out DIR [--device cuda] [--cases sd15-512,dit-xl-512] [--quick]
 
 Per case (shapes of real models, [B, L, H, D] inputs, fp16, in the same process):
 
@@ -29,9 +29,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from bench import harness
 from diffrt.kernels import KVDownsample, attention, attention_masks, attention_reference
 from diffrt.kernels.attention_spec import downsample_kv_reference
+
+from . import harness
 
 log = logging.getLogger("bench.attention")
 
@@ -199,7 +200,7 @@ def _speedups(rows: list[dict]) -> None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_attention", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffrt.bench.bench_attention", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder for the JSON results")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", default=None, help="comma-separated case names (default: all)")

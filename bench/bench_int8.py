@@ -1,6 +1,6 @@
 """INT8 benchmark: W8A8 GEMMs at real model shapes and end-to-end denoiser steps, INT8 vs fp16.
 
-    python -m bench.bench_int8 --out DIR [--device cuda] [--batches 1,2,8] [--e2e] [--quick]
+    python -m diffrt.bench.bench_int8 --out DIR [--device cuda] [--batches 1,2,8] [--e2e] [--quick]
 
 * **layers**: the linear shapes of SD1.5 and SDXL UNet transformer blocks (q/k/v/out, GEGLU in,
   FF out) at their token counts and of DiT-XL/2 (qkv, proj, MLP) at 256^2 and 512^2, times the
@@ -27,9 +27,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench import harness
 from diffrt.kernels.int8_launch import int8_linear
 from diffrt.kernels.int8_spec import dynamic_row_scale, int8_linear_reference, quantize, quantize_weight
+
+from . import harness
 
 log = logging.getLogger("bench.int8")
 
@@ -147,7 +148,7 @@ def e2e_rows(args) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_int8", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffrt.bench.bench_int8", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batches", default="1,2,8")

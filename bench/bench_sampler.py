@@ -1,6 +1,6 @@
 """The sampler's own cost per step, against diffusers' ``scheduler.step`` loop, in one run.
 
-    python -m bench.bench_sampler --out DIR [--device cuda|cpu] [--quick]
+    python -m diffrt.bench.bench_sampler --out DIR [--device cuda|cpu] [--quick]
 
 The model is free (:class:`ZeroCostModel` returns one preallocated random prediction), so what
 is timed is the loop itself: diffrt's model-input scaling, launcher and fused solver-step kernel,
@@ -17,7 +17,7 @@ Before timing, each variant's final sample is compared with diffusers' on the sa
 median, p20, p80 microseconds; speedup over diffusers; host syncs per step (CUDA); and on GPU
 ``floor_us``, the time to read x and the prediction and write x at the measured copy bandwidth,
 and ``goal``: met when a diffrt variant takes under 15 us and no host sync per step.
-The JSON (``<gpu-or-cpu>-<yyyymmdd>-sampler.json``) is written through :mod:`bench.harness`.
+The JSON (``<gpu-or-cpu>-<yyyymmdd>-sampler.json``) is written through :mod:`diffrt.bench.harness`.
 Exit status 1 when a variant errs or misses the parity tolerance.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench import harness
+from . import harness
 
 log = logging.getLogger("bench.sampler")
 
@@ -225,7 +225,7 @@ def default_backends(device: torch.device) -> list[str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_sampler", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffrt.bench.bench_sampler", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for the JSON (bench/results for the record)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shape, 5 steps, few repeats (smoke test)")

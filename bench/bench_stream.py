@@ -1,7 +1,7 @@
 """Streaming benchmark: SD-Turbo-shaped img2img through StreamPipeline, and a FlashLips-shaped lip-sync
 pipeline, each with and without CUDA graphs: fps, input-to-output latency p50 / p99, GPU memory.
 
-    python -m bench.bench_stream --out DIR [--device cuda] [--workloads img2img,lipsync] [--quick]
+    python -m diffrt.bench.bench_stream --out DIR [--device cuda] [--workloads img2img,lipsync] [--quick]
 
 Random weights (speed does not depend on their values), batch 1, one frame in, one frame out.
 
@@ -32,10 +32,11 @@ from typing import Any, Callable
 
 import torch
 
-from bench import harness
 from diffrt.runtime import Denoiser, NoiseSchedule, Sampler
 from diffrt.runtime.graphs import GraphRunner
 from diffrt.runtime.stream import StreamPipeline, vae_codec
+
+from . import harness
 
 log = logging.getLogger("bench.stream")
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
@@ -178,7 +179,7 @@ def _memory(device: torch.device) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bench_stream", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffrt.bench.bench_stream", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workloads", default="img2img,lipsync")

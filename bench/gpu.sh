@@ -18,9 +18,9 @@
 #   DIFFRT_CUDA_ARCHS  CUDA architectures to build (default 90a: H100 / H200)
 #   DIFFRT_GIT_SHA     the git SHA to stamp results with (the device copy has no .git)
 #   DIFFRT_GIT_DIRTY   1 / 0, likewise
-#   BENCH_ARGS         extra arguments for bench.bench_sampler (e.g. "--solvers ddim,unipc")
-#   ATTENTION_ARGS     extra arguments for bench.bench_attention (e.g. "--cases sd15-512-l0,dit-xl-512")
-#   INT8_ARGS          arguments for bench.bench_int8 (default "--e2e"; e.g. "--batches 2")
+#   BENCH_ARGS         extra arguments for diffrt.bench.bench_sampler (e.g. "--solvers ddim,unipc")
+#   ATTENTION_ARGS     extra arguments for diffrt.bench.bench_attention (e.g. "--cases sd15-512-l0,dit-xl-512")
+#   INT8_ARGS          arguments for diffrt.bench.bench_int8 (default "--e2e"; e.g. "--batches 2")
 #   BENCH_CLI_MODELS   models for `diffrt tune` + `diffrt bench` (default sd15-unet: the issue-9 goal's shape, 512^2, CFG 7.5)
 #   TUNE_FLOOR         diffrt tune's PSNR floor in dB (default 30)
 #   BENCH_CLI_ARGS     extra arguments for `diffrt bench` (e.g. "--configs diffusers-eager,exact,graphs --batch 2")
@@ -128,7 +128,7 @@ EOF
 run_bench_sampler() {
   set -o pipefail
   # shellcheck disable=SC2086
-  env TRITON_INTERPRET=0 $PY -m bench.bench_sampler --out "$DIR" --device cuda ${BENCH_ARGS:-} 2>&1 |
+  env TRITON_INTERPRET=0 $PY -m diffrt.bench.bench_sampler --out "$DIR" --device cuda ${BENCH_ARGS:-} 2>&1 |
     tee /tmp/bench_sampler.out
 }
 
@@ -175,10 +175,10 @@ main() {
   stage tests-gpu 180 "$DIR/tests.log" env TRITON_INTERPRET=0 DIFFRT_AUTOTUNE=0 \
     bash -c 'cd tests && exec "$@"' _ $PY -m pytest -q -rfEs -p no:cacheprovider "${timeout_flag[@]}" -m gpu .
   stage bench-sampler 200 - bash -c run_bench_sampler
-  stage bench-attention 240 - env TRITON_INTERPRET=0 $PY -m bench.bench_attention --out "$DIR" --device cuda \
+  stage bench-attention 240 - env TRITON_INTERPRET=0 $PY -m diffrt.bench.bench_attention --out "$DIR" --device cuda \
     ${ATTENTION_ARGS:-}
-  stage bench-int8 200 - env TRITON_INTERPRET=0 $PY -m bench.bench_int8 --out "$DIR" --device cuda ${INT8_ARGS:---e2e}
-  stage bench-stream 200 - env TRITON_INTERPRET=0 $PY -m bench.bench_stream --out "$DIR" --device cuda
+  stage bench-int8 200 - env TRITON_INTERPRET=0 $PY -m diffrt.bench.bench_int8 --out "$DIR" --device cuda ${INT8_ARGS:---e2e}
+  stage bench-stream 200 - env TRITON_INTERPRET=0 $PY -m diffrt.bench.bench_stream --out "$DIR" --device cuda
   stage bench-cli 400 - bash -c run_bench_cli
   stage demo 90 - env TRITON_INTERPRET=0 $PY -m diffrt.runtime.cli demo --out /tmp/diffrt-demo --device cuda
   stage tests-cpu-tier 240 "$DIR/tests.log" env OMP_NUM_THREADS=2 \

@@ -1,6 +1,6 @@
 """Load test of ``diffrt serve`` on loopback: closed-loop clients at rising concurrency, then a soak run.
 
-    python -m bench.load_serve --out DIR [--device cpu|cuda] [--quick]
+    python -m diffrt.bench.load_serve --out DIR [--device cpu|cuda] [--quick]
 
 The server (``create_app``: the reference DiT, dynamic batching) runs under uvicorn in this process
 on 127.0.0.1; nothing leaves the machine. **Closed loop**: at each concurrency C, C clients each send
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from bench import harness
+from . import harness
 
-log = logging.getLogger("bench.load_serve")
+log = logging.getLogger("diffrt.bench.load_serve")
 
 
 def _free_port() -> int:
@@ -142,7 +142,7 @@ def _slope(points: list[tuple[int, float]]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.load_serve", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m diffrt.bench.load_serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="digits-dit")

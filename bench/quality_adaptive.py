@@ -1,6 +1,6 @@
 """Adaptive computation's quality / savings curves on the digits models: threshold sweeps.
 
-    python -m bench.quality_adaptive --out bench/results [--samples 1000] [--models digits-dit,digits-unet]
+    python -m diffrt.bench.quality_adaptive --out bench/results [--samples 1000] [--models digits-dit,digits-unet]
 
 Adaptive guidance: for each threshold of ``THRESHOLDS`` (cosine similarity between the conditional
 and unconditional predictions at which a sample drops its unconditional pass); LinearAG (coefficients
@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from bench import quality_common
 from diffrt.runtime import Sampler, models, optimize
 from diffrt.runtime.linear_ag import fit_linear_ag
+
+from . import quality_common
 
 THRESHOLDS = (0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
 CACHE_THRESHOLDS = (0.05, 0.1, 0.15, 0.2)
@@ -88,7 +89,7 @@ def linear_ag_variants(name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = quality_common.parser("python -m bench.quality_adaptive", __doc__.split("\n")[0],
+    args = quality_common.parser("python -m diffrt.bench.quality_adaptive", __doc__.split("\n")[0],
                                  "digits-dit,digits-unet").parse_args(argv)
     quality_common.setup(args)
     rows = []

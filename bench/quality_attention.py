@@ -1,11 +1,11 @@
 """What ToDo and block-sparse attention cost in sample quality, on the shipped digits models.
 
-    python -m bench.quality_attention --out bench/results [--samples 1000] [--models digits-dit,digits-unet]
+    python -m diffrt.bench.quality_attention --out bench/results [--samples 1000] [--models digits-dit,digits-unet]
 
 For each model, ``samples`` digits (the same number per class, the same seeded noise as the
 model card's baselines) are sampled with DPM-Solver++(2M), 20 steps, CFG 3: once with exact
 attention (the baseline), then once per configuration of ``CONFIGS``
-(:func:`bench.quality_common.compare_variants`). Each configuration reports PSNR and relative L2
+(:func:`diffrt.bench.quality_common.compare_variants`). Each configuration reports PSNR and relative L2
 against the baseline per seed, class accuracy and digits-FID next to the baseline's, and the mean
 block-mask density the attention calls saw. Writes ``<device>-<date>-attention-quality.json``
 (stamped rows) and a Markdown table beside it.
@@ -20,10 +20,11 @@ import sys
 
 import torch
 
-from bench import quality_common
 from diffrt.runtime import attention as runtime_attention
 from diffrt.runtime import optimize
 from diffrt.runtime.attention import Sparse, ToDo
+
+from . import quality_common
 
 CONFIGS = {
     "digits-dit": {
@@ -72,7 +73,7 @@ class DensityMeter:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = quality_common.parser("python -m bench.quality_attention", __doc__.split("\n")[0], ",".join(CONFIGS)).parse_args(argv)
+    args = quality_common.parser("python -m diffrt.bench.quality_attention", __doc__.split("\n")[0], ",".join(CONFIGS)).parse_args(argv)
     quality_common.setup(args)
     rows = []
     with torch.no_grad():

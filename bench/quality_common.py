@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from bench import harness
 from diffrt.runtime import models, quality
 from diffrt.runtime.models import baselines
+
+from . import harness
 
 log = logging.getLogger("bench.quality")
 

@@ -1,6 +1,6 @@
 """What W8A8 INT8 costs in sample quality on the digits models, per calibration choice.
 
-    python -m bench.quality_int8 --out bench/results [--samples 1000] [--models digits-dit,digits-unet]
+    python -m diffrt.bench.quality_int8 --out bench/results [--samples 1000] [--models digits-dit,digits-unet]
                                  [--variants g1,auto,steps,g1-sq,auto-sq,dynamic]
 
 Per model: the fp32 samples (DPM-Solver++(2M), 20 steps, CFG 3, the model cards' noise), then
@@ -18,9 +18,10 @@ import sys
 
 import torch
 
-from bench import quality_common
 from diffrt.export import calibrate
 from diffrt.runtime import models, optimize
+
+from . import quality_common
 
 SEEDS = (100, 101, 102, 103)  # calibration noise: other seeds than the evaluation's
 CALIBRATION = {"guidance_scale": quality_common.GUIDANCE, "method": "mse"}
@@ -49,7 +50,7 @@ def _make(options):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = quality_common.parser("python -m bench.quality_int8", __doc__.split("\n")[0], "digits-dit,digits-unet")
+    parser = quality_common.parser("python -m diffrt.bench.quality_int8", __doc__.split("\n")[0], "digits-dit,digits-unet")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated keys of VARIANTS")
     args = parser.parse_args(argv)
     chosen = args.variants.split(",")

@@ -217,7 +217,7 @@ def calibrate(den, solver: str = "dpmpp-2m", steps: int = 20, cond: Sequence[Any
     class labels for the digits models); each is sampled once per seed in ``seeds``. ``uncond``:
     the unconditional conditioning for CFG ([N, ...] or one broadcast row).
     """
-    from diffrt.runtime import Sampler  # noqa: PLC0415 - the runtime builds on export's inputs
+    from diffrt.runtime.sampler import Sampler  # noqa: PLC0415
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffrt.runtime import context
+
 from . import quant
 from .calibration import Calibration, model_hash
 
@@ -100,22 +102,17 @@ class _Graph(nn.Module):
             self.register_buffer("groups", torch.tensor(calibration.step_groups, dtype=torch.int64))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        from diffrt.runtime import attention as attn  # noqa: PLC0415
-
-        tokens = []
+        switches: dict[str, Any] = {}
         if self.settings is not None:
-            tokens.append((attn.ACTIVE, attn.ACTIVE.set((self.settings, tuple(sample.shape[-2:])))))
+            switches["attention"] = (self.settings, tuple(sample.shape[-2:]))
         if self.weights:
             if self.group is None:
                 nearest = (timestep[:, None] - self.timesteps[None, :]).abs().argmin(dim=1)
-                tokens.append((quant.ACTIVE, quant.ACTIVE.set((self.groups[nearest], "qdq", self.weights))))
+                switches["int8"] = (self.groups[nearest], "qdq", self.weights)
             else:
-                tokens.append((quant.ACTIVE, quant.ACTIVE.set((self.group, "qdq-group", self.weights))))
-        try:
+                switches["int8"] = (self.group, "qdq-group", self.weights)
+        with context.switches(**switches):
             return self.den._call(self.model, sample, timestep, cond).float()
-        finally:
-            for var, token in reversed(tokens):
-                var.reset(token)
 
 
 def _attention_settings(den):

@@ -4,8 +4,8 @@
 per-output-channel scales, :func:`~diffrt.kernels.int8_spec.quantize_weight`; the activation
 scale table fp32 [G], one per timestep group, from calibration) and :func:`patch` gives the layer
 (``nn.Linear`` or 1x1 ``nn.Conv2d``) a dispatching forward. The weights live with the optimized
-denoiser, not in the module: during its calls :data:`ACTIVE` holds ``(group_ids, mode,
-{module: W8A8Weights})`` with ``group_ids`` int64 [B] on the device, each sample's timestep group,
+denoiser, not in the module: during its calls the call context's ``int8`` switch
+(:mod:`diffrt.runtime.context`) holds ``(group_ids, mode, {module: W8A8Weights})`` with ``group_ids`` int64 [B] on the device, each sample's timestep group,
 and a patched layer found there runs the INT8 kernel; any other call (the plain denoiser, another
 optimized variant without this layer) runs the layer's float computation. So several INT8
 variants of one model coexist, and the state dict never changes.
@@ -22,7 +22,7 @@ fnmatch patterns on module names override it.
 """
 from __future__ import annotations
 
-import contextvars
+import contextlib
 import fnmatch
 import types
 from dataclasses import dataclass
@@ -32,10 +32,8 @@ from torch import nn
 
 from diffrt.kernels.int8_launch import int8_linear
 from diffrt.kernels.int8_spec import dynamic_row_scale, quantize_weight
+from diffrt.runtime import context
 
-ACTIVE: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("diffrt_int8", default=None)
-"""(group_ids int64 [B] on the device or None, mode, {module: W8A8Weights}) of the optimized call in
-progress on this thread; mode "static" / "dynamic" (kernels), "qdq" / "qdq-group" (ONNX export)."""
 
 DEFAULT_KEEP = ("*time_emb*", "*timestep_emb*", "*time_proj*", "*t_embedder*", "*class_emb*", "*y_embedder*",
                 "*label_emb*", "*add_embedding*", "*adaLN*", "*adaln*", "*norm*.linear", "*emb_proj*",
@@ -101,7 +99,7 @@ def prepare(module: nn.Module, scales: torch.Tensor, inv_smooth: torch.Tensor | 
 
 def patch(module: nn.Module) -> None:
     """Give ``module`` a forward that runs INT8 when the optimized call in progress holds weights for
-    it (in :data:`ACTIVE`) and its own float computation otherwise. Idempotent; the module's
+    it (in the call context's ``int8`` switch) and its own float computation otherwise. Idempotent; the module's
     parameters and state dict do not change."""
     if not is_candidate(module):
         raise ValueError(f"{type(module).__name__} cannot be W8A8 (Linear and 1x1 Conv2d can)")
@@ -109,15 +107,15 @@ def patch(module: nn.Module) -> None:
     module.forward = types.MethodType(forward, module)
 
 
-def keep_samples(keep: torch.Tensor):
+def keep_samples(keep: torch.Tensor) -> contextlib.AbstractContextManager:
     """Narrow the INT8 call in progress to the samples ``keep`` selects (a bool mask or an index over
-    its batch), for a model that compacts its batch mid-call (per-sample early exit); returns the
-    token to pass to ``ACTIVE.reset``, or None when no static INT8 call is in progress."""
-    active = ACTIVE.get()
+    its batch), for a model that compacts its batch mid-call (per-sample early exit): a context
+    manager (the groups are restored when it exits); a no-op when no static INT8 call is in progress."""
+    active = context.current().int8
     if active is None or active[0] is None:
-        return None
+        return contextlib.nullcontext()
     group_ids, mode, weights = active
-    return ACTIVE.set((group_ids[keep], mode, weights))
+    return context.switches(int8=(group_ids[keep], mode, weights))
 
 
 def unpatch(module: nn.Module) -> None:
@@ -170,7 +168,7 @@ def _rows_qdq(weights: W8A8Weights, rows: torch.Tensor, batch: int, group_ids, m
 
 def _active(module: nn.Module) -> tuple[W8A8Weights, torch.Tensor | None, str] | None:
     """(weights, group_ids, mode) when the optimized call in progress quantizes ``module``, else None."""
-    active = ACTIVE.get()
+    active = context.current().int8
     if active is None:
         return None
     group_ids, mode, layers = active
@@ -200,7 +198,7 @@ def _conv_forward(self: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 def install(model: nn.Module, layer_scales: dict[str, tuple[torch.Tensor, torch.Tensor | None]]
             ) -> dict[nn.Module, W8A8Weights]:
     """:func:`prepare` and :func:`patch` each named layer of ``model`` with (scales [G], inv_smooth [K] or
-    None); returns {module: weights}, what an optimized call puts in :data:`ACTIVE`."""
+    None); returns {module: weights}, what an optimized call puts in the ``int8`` switch."""
     modules = dict(model.named_modules())
     prepared = {}
     for name, (scales, inv_smooth) in layer_scales.items():

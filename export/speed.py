@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from diffrt.runtime import context
+
 from . import quant
 from .quant import QuantPolicy
 
@@ -77,11 +79,10 @@ def measure_layers(den, x: torch.Tensor, t: torch.Tensor, cond: Any = None, poli
         float_ms = _median_ms(lambda: module(layer_input), device, repeats)
         was_patched = quant.is_patched(module)
         quant.patch(module)
-        token = quant.ACTIVE.set((None, "dynamic", {module: quant.prepare(module, torch.ones(1))}))
         try:
-            int8_ms = _median_ms(lambda: module(layer_input), device, repeats)
+            with context.switches(int8=(None, "dynamic", {module: quant.prepare(module, torch.ones(1))})):
+                int8_ms = _median_ms(lambda: module(layer_input), device, repeats)
         finally:
-            quant.ACTIVE.reset(token)
             if not was_patched:
                 quant.unpatch(module)
         weight = module.weight

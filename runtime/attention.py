@@ -5,7 +5,8 @@ attention module of a diffusers model (``Attention``: UNet2DModel, UNet2DConditi
 DiT / Transformer2D / PixArt blocks; ``FluxAttention``: Flux-style joint blocks) and on the
 attention of :class:`~diffrt.runtime.models.dit.DigitsDiT`. The processors keep the module's
 original processor and **dispatch**: while an :class:`~diffrt.runtime.optimize.OptimizedDenoiser`
-call is running (it sets :data:`ACTIVE` to its :class:`AttentionSettings` and the sample's H x W),
+call is running (it sets the call context's ``attention`` switch, :mod:`diffrt.runtime.context`, to its
+:class:`AttentionSettings` and the sample's H x W),
 attention runs through :func:`diffrt.kernels.attention`; otherwise the original processor runs.
 So the optimized denoiser and the plain one share the model's weights and both keep working.
 
@@ -24,7 +25,6 @@ What an active call does per layer (:func:`plan_layer`):
 """
 from __future__ import annotations
 
-import contextvars
 import logging
 import math
 from dataclasses import dataclass, field
@@ -35,11 +35,10 @@ import torch
 from diffrt.kernels import KVDownsample, attention, attention_masks
 from diffrt.kernels.attention_launch import MAX_HEAD_DIM
 
+from . import context
+
 log = logging.getLogger(__name__)
 
-ACTIVE: contextvars.ContextVar[tuple[AttentionSettings, tuple[int, int] | None] | None] = contextvars.ContextVar(
-    "diffrt_attention", default=None)
-"""(settings, sample H x W) of the optimized call in progress on this thread, or None."""
 
 MAX_SCALE = 64  # token grids are searched at scales 1, 2, 4, ..., MAX_SCALE of the sample
 
@@ -179,7 +178,7 @@ class DiffrtProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
-        active = ACTIVE.get()
+        active = context.current().attention
         if active is None or attention_mask is not None or args or kwargs:
             if active is not None:
                 _log_fallback(self.layer, "an attention mask or extra arguments" if attention_mask is not None
@@ -238,7 +237,7 @@ class DiffrtFluxProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None):
-        active = ACTIVE.get()
+        active = context.current().attention
         if active is None or attention_mask is not None:
             if active is not None:
                 _log_fallback(self.layer, "an attention mask")
@@ -272,13 +271,15 @@ class DiffrtFluxProcessor:
 
 
 class DiTProcessor:
-    """Processor of :class:`~diffrt.runtime.models.dit.Attention` (q, k, v [B, L, H, D] -> [B, L, H, D])."""
+    """Processor of a model's own attention modules (:meth:`DigitsDiT.qkv_attention_layers
+    <diffrt.runtime.models.dit.DigitsDiT.qkv_attention_layers>`): ``processor(module, q, k, v)`` with
+    q, k, v [B, L, H, D] -> [B, L, H, D], or None outside an optimized call (the module's own attention)."""
 
     def __init__(self, layer: Layer):
         self.layer = layer
 
     def __call__(self, module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-        active = ACTIVE.get()
+        active = context.current().attention
         if active is None:
             return None
         grid_level = (self.layer.fixed_grid, 0) if self.layer.fixed_grid is not None else None
@@ -292,20 +293,18 @@ def _original(processor: Any) -> Any:
 def install(model: torch.nn.Module) -> list[Layer]:
     """Put diffrt's processors on every attention module of ``model``; return the layers found.
 
+    A model may bring its own attention modules through a ``qkv_attention_layers()`` method (the digits
+    DiT: :class:`DiTProcessor`); otherwise diffusers' ``Attention`` / ``FluxAttention`` modules are found.
     Raises ValueError for a module whose processor is not one diffrt reproduces (a custom or
     IP-adapter processor) or whose head dim the kernel cannot serve. Installing twice is harmless.
     """
-    from .models.dit import Attention as DiTAttention  # noqa: PLC0415
-    from .models.dit import DigitsDiT  # noqa: PLC0415
-
     layers: list[Layer] = []
-    if isinstance(model, DigitsDiT):
-        for name, module in model.named_modules():
-            if isinstance(module, DiTAttention):
-                head_dim = module.qkv.out_features // 3 // module.num_heads
-                layer = Layer(name, "self", module.num_heads, head_dim, 1, fixed_grid=(model.grid, model.grid))
-                module.processor = DiTProcessor(layer)
-                layers.append(layer)
+    own_layers = getattr(model, "qkv_attention_layers", None)  # a model's own attention modules (the digits DiT)
+    if callable(own_layers):
+        for name, module, heads, head_dim, grid in own_layers():
+            layer = Layer(name, "self", heads, head_dim, 1, fixed_grid=grid)
+            module.processor = DiTProcessor(layer)
+            layers.append(layer)
         return layers
     try:
         from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: PLC0415

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from . import attention as attn
+from . import context
 from .denoiser import Denoiser
 
 log = logging.getLogger(__name__)
@@ -82,25 +83,17 @@ class OptimizedDenoiser(Denoiser):
         self.int8_layers = [names[module] for module in self.int8_weights]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        tokens = []
+        switches: dict[str, Any] = {}  # only what this variant turns on (an enclosing call's others stay)
+        if self.step_cache is not None:
+            switches["step_cache"] = self.step_cache
         if self.settings is not None:
-            sample_hw = tuple(x.shape[-2:]) if x.dim() >= 4 else None
-            tokens.append((attn.ACTIVE, attn.ACTIVE.set((self.settings, sample_hw))))
+            switches["attention"] = (self.settings, tuple(x.shape[-2:]) if x.dim() >= 4 else None)
         if self.int8_mode is not None:
-            from diffrt.export import quant  # noqa: PLC0415
-
             t_rows = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
             groups = self.calibration.groups_of(t_rows) if self.int8_mode == "static" else None
-            tokens.append((quant.ACTIVE, quant.ACTIVE.set((groups, self.int8_mode, self.int8_weights))))
-        if self.step_cache is not None:
-            from . import step_cache as caching  # noqa: PLC0415
-
-            tokens.append((caching.ACTIVE, caching.ACTIVE.set(self.step_cache)))
-        try:
+            switches["int8"] = (groups, self.int8_mode, self.int8_weights)
+        with context.switches(**switches):
             return super().__call__(x, t, cond)
-        finally:
-            for var, token in reversed(tokens):
-                var.reset(token)
 
     def reset_cache(self) -> None:
         """Forget the step cache's trajectory (the Sampler calls this at the start of each sample)."""

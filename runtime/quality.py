@@ -1,4 +1,4 @@
-"""Quality harness: how much an acceleration changes the samples (DESIGN.md principle 4).
+"""Quality harness: how much an acceleration changes the samples (README, Architecture: "quality is measured, not assumed").
 
 Model-agnostic, per seed (candidate and baseline sampled from the same noise, batch dim 0):
 

@@ -18,6 +18,7 @@ import torch
 from diffrt.kernels import solver_step
 
 from .denoiser import Denoiser
+from .early_exit import ExitState, exiting, has_exit_heads
 from .solvers import plan_for, plan_from_scheduler
 from .solvers.plan import SolverPlan
 
@@ -162,15 +163,9 @@ class Sampler:
             self._check_noise(noise)
         self.stats = {}
         if self.early_exit is not None:
-            from .models import exits  # noqa: PLC0415
-
-            state = exits.ExitState(self.early_exit, per_sample=self.early_exit_scope == "sample",
-                                    graphs=self.early_exit_graphs)
-            token = exits.ACTIVE.set(state)
-            try:
+            state = ExitState(self.early_exit, per_sample=self.early_exit_scope == "sample", graphs=self.early_exit_graphs)
+            with exiting(state):
                 x = self._sample(noise, cond, uncond, generator, callback)
-            finally:
-                exits.ACTIVE.reset(token)
             self.stats = {**self.stats, "early_exit": state.stats}
             return x
         return self._sample(noise, cond, uncond, generator, callback)
@@ -316,9 +311,9 @@ def _early_exit_threshold(option: Any, denoiser: Any) -> float | None:
     if getattr(denoiser, "step_cache", None) is not None:
         raise ValueError("early_exit and a step cache both skip blocks of the same transformer and do not compose: "
                          "use one of them")
-    if getattr(getattr(denoiser, "model", None), "exit_heads", None) is None:
-        raise ValueError("early_exit needs a model with exit heads (models.load('digits-dit') ships them; "
-                         "diffrt.runtime.models.exits.train_exit_heads trains them)")
+    if not has_exit_heads(getattr(denoiser, "model", None)):
+        raise ValueError("early_exit needs a model with exit heads (diffrt.runtime.early_exit.EarlyExitModel; "
+                         "models.load('digits-dit') ships them, diffrt.runtime.models.exits.train_exit_heads trains them)")
     return float(threshold)
 
 

@@ -9,12 +9,12 @@ skip itself is a host branch: kernels are not launched). Works on any sequential
 PixArt (``transformer_blocks``); UNets (DeepCache's feature reuse) are not covered and are refused.
 
 The blocks get a dispatching forward (their modules and state dict stay as they were): only calls
-made while :data:`ACTIVE` holds a :class:`StepCache` (an optimized denoiser's) use it. The cache
+made while the call context's ``step_cache`` switch (:mod:`diffrt.runtime.context`) holds a
+:class:`StepCache` (an optimized denoiser's) use it. The cache
 holds one trajectory; the Sampler resets it at the start of each ``sample()`` (``reset_cache``).
 """
 from __future__ import annotations
 
-import contextvars
 import types
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-ACTIVE: contextvars.ContextVar[StepCache | None] = contextvars.ContextVar("diffrt_step_cache", default=None)
-
+from . import context
 
 @dataclass
 class StepCache:
@@ -91,7 +90,7 @@ def install(model: nn.Module) -> int:
 
 def _dispatching(index: int, count: int, forward):
     def dispatch(self, *args, **kwargs):
-        cache = ACTIVE.get()
+        cache = context.current().step_cache
         if cache is None:
             return forward(self, *args, **kwargs)
         return cache.run(index, count, self, forward, args, kwargs)

@@ -49,6 +49,7 @@ from typing import Any, Callable
 import torch
 
 from .denoiser import Denoiser
+from .early_exit import ExitState, exiting, has_exit_heads
 from .solvers.lcm import boundary_scalings, lcm_timesteps, lcm_x0
 
 log = logging.getLogger(__name__)
@@ -267,7 +268,7 @@ class StreamPipeline:
     @property
     def supports_early_exit(self) -> bool:
         """Whether layer early exit can run here: a model with exit heads, no step cache, a tick not graph-captured."""
-        return (getattr(getattr(self.den, "model", None), "exit_heads", None) is not None and not self.cuda_graphs
+        return (has_exit_heads(getattr(self.den, "model", None)) and not self.cuda_graphs
                 and getattr(self.den, "step_cache", None) is None)  # a step cache skips the same blocks
 
     @property
@@ -280,16 +281,11 @@ class StreamPipeline:
         if self.early_exit is None:
             yield
             return
-        from .models import exits  # noqa: PLC0415
-
         if self._exit_state is None:
-            self._exit_state = exits.ExitState(self.early_exit)
+            self._exit_state = ExitState(self.early_exit)
         self._exit_state.threshold = self.early_exit
-        token = exits.ACTIVE.set(self._exit_state)
-        try:
+        with exiting(self._exit_state):
             yield
-        finally:
-            exits.ACTIVE.reset(token)
 
     def _skip(self, frame: torch.Tensor | None) -> bool:
         if self.similarity_threshold is None or frame is None or self.previous_output is None:

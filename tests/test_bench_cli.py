@@ -10,8 +10,9 @@ import torch
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("diffusers")
 
-from diffrt.runtime import benchmark, cli, zoo  # noqa: E402
-from diffrt.runtime.bench_report import SCHEMA  # noqa: E402
+from diffrt.bench import benchmark, zoo  # noqa: E402
+from diffrt.bench.report import SCHEMA  # noqa: E402
+from diffrt.runtime import cli  # noqa: E402
 
 CONFIGS = "diffusers-eager,streamdiffusion,exact,graphs,int8,adaptive-guidance,early-exit,step-cache,combined"
 
@@ -105,15 +106,14 @@ def test_bad_input_is_refused_with_a_message(tmp_path, caplog):
 
 def test_readme_performance_table_is_generated_from_the_recorded_results():
     """README.md's table is exactly what bench/publish.py renders from bench/results (never typed by hand)."""
-    import sys
     from pathlib import Path
 
+    from diffrt.bench import publish
+
     root = Path(__file__).resolve().parent.parent
-    sys.path.insert(0, str(root))
-    from bench import publish
 
     text = (root / "README.md").read_text()
-    assert publish.replace_section(text, publish.render()) == text, "run python -m bench.publish"
+    assert publish.replace_section(text, publish.render()) == text, "run python -m diffrt.bench.publish"
     for path in sorted((root / "bench" / "results").glob("*-bench-*.json")):  # what is published meets the schema
         jsonschema.validate(json.loads(path.read_text()), SCHEMA)
 

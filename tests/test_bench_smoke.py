@@ -6,20 +6,15 @@ and diffrt's sample equals diffusers' to 1e-5 on the same noise.
 import json
 import math
 import re
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 pytest.importorskip("diffusers")
 
-from bench import bench_attention, bench_int8, bench_sampler, bench_stream, harness  # noqa: E402
+from diffrt.bench import bench_attention, bench_int8, bench_sampler, bench_stream, harness  # noqa: E402
 
 STAMP_KEYS = ("device_type", "python", "torch", "triton", "git_sha", "git_dirty", "source_hash", "cpu_model",
               "cpu_count", "utc")

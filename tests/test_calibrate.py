@@ -9,7 +9,7 @@ from diffrt.export import Calibration, QuantPolicy, calibrate, model_hash
 from diffrt.export import calibration as calibrate_module
 from diffrt.export import quant
 from diffrt.kernels.int8_spec import int8_linear_reference, quantize_weight
-from diffrt.runtime import Sampler, models, optimize, quality
+from diffrt.runtime import Sampler, context, models, optimize, quality
 
 STEPS = 4
 LABELS = torch.arange(10)
@@ -82,22 +82,16 @@ def test_rows_use_their_samples_scale():
     weights = quant.install(torch.nn.Sequential(layer), {"0": (scales, None)})
     x = torch.randn(3, 5, 24, generator=gen)
     group_ids = torch.tensor([2, 0, 1])
-    token = quant.ACTIVE.set((group_ids, "static", weights))
-    try:
+    with context.switches(int8=(group_ids, "static", weights)):
         out = layer(x)
-    finally:
-        quant.ACTIVE.reset(token)
     w_q, w_scale = quantize_weight(layer.weight)
     for b in range(3):
         row_scale = scales[group_ids[b]].expand(5)
         expected = int8_linear_reference(x[b], w_q, w_scale, row_scale, layer.bias.detach())
         torch.testing.assert_close(out[b], expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))  # outside: float
-    token = quant.ACTIVE.set((group_ids, "static", {}))  # another variant's call, without this layer
-    try:
+    with context.switches(int8=(group_ids, "static", {})):  # another variant's call, without this layer
         assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-    finally:
-        quant.ACTIVE.reset(token)
     assert set(layer.state_dict()) == {"weight", "bias"}
     quant.unpatch(layer)
     assert not quant.is_patched(layer) and "forward" not in layer.__dict__
@@ -109,11 +103,8 @@ def test_1x1_conv_rows_are_pixels():
     x = torch.randn(2, 8, 3, 4, generator=gen)
     scale = x.abs().max() / 127
     quant.patch(conv)
-    token = quant.ACTIVE.set((torch.tensor([0, 0]), "static", {conv: quant.prepare(conv, scale.reshape(1))}))
-    try:
+    with context.switches(int8=(torch.tensor([0, 0]), "static", {conv: quant.prepare(conv, scale.reshape(1))})):
         out = conv(x)
-    finally:
-        quant.ACTIVE.reset(token)
     w_q, w_scale = quantize_weight(conv.weight)
     rows = x.permute(0, 2, 3, 1).reshape(-1, 8)
     expected = int8_linear_reference(rows, w_q, w_scale, scale.expand(24), conv.bias.detach())

@@ -9,6 +9,7 @@ import torch
 from diffrt.kernels import KVDownsample
 from diffrt.runtime import Denoiser, NoiseSchedule, Sampler, models, optimize
 from diffrt.runtime import attention as runtime_attention
+from diffrt.runtime import context
 from diffrt.runtime.attention import Sparse, ToDo
 
 SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "prediction_type": "epsilon"}
@@ -163,11 +164,8 @@ def test_flux_joint_attention_runs_through_diffrt(spy):
               "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(7, 3), "return_dict": False}
     before = model(**inputs)[0]
     assert not spy
-    token = runtime_attention.ACTIVE.set((runtime_attention.AttentionSettings("triton"), None))
-    try:
+    with context.switches(attention=(runtime_attention.AttentionSettings("triton"), None)):
         fused = model(**inputs)[0]
-    finally:
-        runtime_attention.ACTIVE.reset(token)
     assert len(spy) == 2 and spy[0]["q"] == (1, 23, 2, 16)  # 7 text + 16 image tokens, attended jointly
     torch.testing.assert_close(fused, before, rtol=1e-4, atol=1e-4)
 

@@ -224,13 +224,10 @@ def test_load_script_smoke_run_writes_sane_rows(tmp_path):
     """bench/load_serve.py on loopback, bounded (12 answers per level, 40 in the soak): it runs, the server
     batches under concurrency, nothing fails. No speed is asserted."""
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     pytest.importorskip("uvicorn")
     pytest.importorskip("httpx")
-    from bench import load_serve
+    from diffrt.bench import load_serve
 
     assert load_serve.main(["--out", str(tmp_path), "--quick", "--device", "cpu"]) == 0
     document = json.loads(next(tmp_path.glob("*-serve-load.json")).read_text())

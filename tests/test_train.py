@@ -35,3 +35,15 @@ def test_learning_rate_warms_up_then_decays_to_its_floor():
     assert rates[0] == 1e-4 and rates[9] == 1e-3
     assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
     assert abs(train.lr_at(100, 1e-3, 10, 100, 0.1) - 1e-4) < 1e-12
+
+
+def test_the_exit_heads_command_trains_and_ships_loadable_heads(tmp_path):
+    import shutil
+
+    for name in ("digits-dit.json", "digits-dit.safetensors"):
+        shutil.copy(models.WEIGHTS_DIR / name, tmp_path / name)
+    assert train.main(["--model", "digits-dit-exits", "--steps", "2", "--every", "3", "--out", str(tmp_path)]) == 0
+    record = models.card("digits-dit", tmp_path)["exit_heads"]
+    assert record["steps"] == 2 and record["depths"] == [3]
+    heads = models.load("digits-dit", weights_dir=tmp_path).model.exit_heads
+    assert heads is not None and heads.depths == [3]

@@ -7,9 +7,10 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffrt.runtime import cli, models, optimize, tune, zoo  # noqa: E402
+from diffrt.bench import tune, zoo  # noqa: E402
+from diffrt.bench.benchmark import Inputs, diffusers_sample, diffusers_scheduler, psnr_db, scheduler_options  # noqa: E402
+from diffrt.runtime import cli, models, optimize  # noqa: E402
 from diffrt.runtime.acceleration import Acceleration  # noqa: E402
-from diffrt.runtime.benchmark import Inputs, diffusers_sample, diffusers_scheduler, psnr_db, scheduler_options  # noqa: E402
 from diffrt.runtime.denoiser import Denoiser  # noqa: E402
 from diffrt.runtime.schedule import NoiseSchedule  # noqa: E402
 

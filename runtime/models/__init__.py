@@ -44,7 +44,8 @@ NULL_CLASS = 10
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MODEL_NAMES = ("digits-dit", "digits-unet")
 
-__all__ = ["NULL_CLASS", "WEIGHTS_DIR", "available", "build_model", "card", "load", "load_classifier", "load_digits"]
+__all__ = ["NULL_CLASS", "WEIGHTS_DIR", "available", "build_model", "card", "load", "load_classifier", "load_digits",
+           "load_model"]
 
 
 def available() -> list[str]:
@@ -119,6 +120,32 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
     model.attach_exit_heads(load_exit_heads(model, weights_dir or WEIGHTS_DIR))
     return Denoiser(model, NoiseSchedule.from_config(info["scheduler"]), sample_shape=tuple(info["sample_shape"]),
                     call=_call_dit)
+
+
+def load_model(spec: str | Path, scheduler_config: str | Path | None = None) -> Denoiser:
+    """A reference model by name (:func:`load`), or a diffusers model folder as a :class:`Denoiser`.
+
+    A folder holds the model's ``config.json`` (naming its diffusers class) and weights; its scheduler
+    config is ``scheduler_config`` when given, else ``<folder>/scheduler_config.json`` or a pipeline's
+    ``<folder>/../scheduler/scheduler_config.json``.
+    """
+    if str(spec) in MODEL_NAMES:
+        return load(str(spec))
+    folder = Path(spec)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model {str(spec)!r} is neither a reference model ({', '.join(MODEL_NAMES)}) nor a "
+                         "diffusers model folder with a config.json")
+    import diffusers  # noqa: PLC0415
+
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    model = getattr(diffusers, class_name).from_pretrained(folder).eval()
+    candidates = [Path(scheduler_config)] if scheduler_config else [folder / "scheduler_config.json",
+                                                                    folder.parent / "scheduler" / "scheduler_config.json"]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise ValueError(f"no scheduler config for {folder} (looked at {', '.join(map(str, candidates))}): "
+                         "give --scheduler-config")
+    return Denoiser.from_diffusers(model, json.loads(found.read_text()))
 
 
 def __getattr__(attr: str) -> Any:

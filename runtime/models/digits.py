@@ -13,11 +13,10 @@ Classifier: :class:`DigitsClassifier`, a small CNN trained on the train split by
 :func:`train_classifier` (seeded, CPU). Its penultimate features (``features(x)``) are the space
 in which :mod:`diffrt.runtime.quality` measures the digits-FID. The shipped weights and model
 card are in ``weights/digits-classifier.{safetensors,json}``; remake them with
-``python -m diffrt.runtime.models.digits --train-classifier``.
+``python -m diffrt.runtime.models.train --model digits-classifier``.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import functools
 import json
@@ -275,7 +274,7 @@ def classifier_card(weights_dir: str | Path | None = None) -> dict[str, Any]:
     path = Path(weights_dir or WEIGHTS_DIR) / f"{CLASSIFIER_NAME}.json"
     if not path.is_file():
         raise FileNotFoundError(f"the digits-classifier model card is missing ({path}); train it with "
-                                "`python -m diffrt.runtime.models.digits --train-classifier`")
+                                "`python -m diffrt.runtime.models.train --model digits-classifier`")
     return json.loads(path.read_text())
 
 
@@ -287,37 +286,9 @@ def load_classifier(device: str | torch.device | None = None,
     path = Path(weights_dir or WEIGHTS_DIR) / f"{CLASSIFIER_NAME}.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"the digits-classifier weights are missing ({path}); train them with "
-                                "`python -m diffrt.runtime.models.digits --train-classifier`")
+                                "`python -m diffrt.runtime.models.train --model digits-classifier`")
     model = DigitsClassifier.from_config(classifier_card(weights_dir)["architecture"]["config"])
     missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
     if missing or unexpected:
         raise RuntimeError(f"{path} does not match its model card: missing {missing}, unexpected {unexpected}")
     return model.to(device or "cpu").eval().requires_grad_(False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m diffrt.runtime.models.digits",
-                                     description="Train the digits classifier; write its weights and model card.")
-    parser.add_argument("--train-classifier", action="store_true", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=TRAIN_RECIPE["steps"])
-    parser.add_argument("--out", type=Path, default=WEIGHTS_DIR, help="where the weights and card go")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, card = train_classifier(seed=args.seed, steps=args.steps)
-    from diffrt.runtime import quality  # noqa: PLC0415 - quality imports this module
-
-    card["metrics"]["fid_floor"] = {"value": round(quality.fid_floor(seed=0, classifier=model), 6),
-                                    "n_samples": quality.FID_MIN_SAMPLES, "seed": 0,
-                                    "definition": quality.FID_FLOOR_DEFINITION}
-    save_classifier(model, card, args.out)
-    return 0
-
-
-if __name__ == "__main__":
-    from diffrt.runtime.models.digits import main as package_main  # one module object, not __main__ + package
-
-    raise SystemExit(package_main())

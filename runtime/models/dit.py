@@ -14,10 +14,13 @@ Layout (shapes for the shipped config: 1x16x16 images, patch 2, hidden D = 256):
 ``forward(x, t, y, depth=k)`` exits after block k: the final layer reads block k's output, so
 a model can be sampled (or given exit heads) at any depth. The null class (label
 ``num_classes``) is the unconditional input for classifier-free guidance; ``y=None`` means it.
+
+Two small protocols connect it to the runtime without the runtime knowing this module:
+:meth:`DigitsDiT.qkv_attention_layers` (diffrt's attention processors, :mod:`diffrt.runtime.attention`)
+and :class:`~diffrt.runtime.early_exit.EarlyExitModel` (exit heads, :mod:`diffrt.runtime.models.exits`).
 """
 from __future__ import annotations
 
-import contextvars
 import math
 from typing import Any
 
@@ -25,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EARLY_EXIT: contextvars.ContextVar[Any] = contextvars.ContextVar("diffrt_early_exit", default=None)
-"""The ExitState of an early-exit sampling in progress (see diffrt.runtime.models.exits)."""
+from .. import context
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "sample_size": 16, "in_channels": 1, "patch_size": 2, "hidden_size": 256, "num_blocks": 6,
@@ -207,17 +209,22 @@ class DigitsDiT(nn.Module):
             depth = self.num_blocks
         if not 1 <= int(depth) <= self.num_blocks:
             raise ValueError(f"depth must be in 1..{self.num_blocks}, got {depth}")
-        state = EARLY_EXIT.get()
+        state = context.current().early_exit  # diffrt.runtime.early_exit: the rows may leave at an exit
         if state is not None and self.exit_heads is not None and depth == self.num_blocks:
-            from .exits import exiting_forward  # noqa: PLC0415
-
-            return exiting_forward(self, state, x, t, y)
+            return self.exit_heads.exiting_forward(self, state, x, t, y)
         h, c = self.embed(x, t, y)
         for block in self.blocks[: int(depth)]:
             h = block(h, c)
         return self.readout(h, c)
 
+    def qkv_attention_layers(self) -> list[tuple[str, nn.Module, int, int, tuple[int, int]]]:
+        """(name, module, heads, head dim, token grid) of each attention module: the modules take a
+        ``processor(module, q, k, v)`` (see :class:`Attention`), which ``diffrt.runtime.optimize`` installs."""
+        return [(name, module, module.num_heads, module.qkv.out_features // 3 // module.num_heads, (self.grid, self.grid))
+                for name, module in self.named_modules() if isinstance(module, Attention)]
+
     def attach_exit_heads(self, heads: nn.Module | None) -> None:
-        """Attach (or, with None, remove) exit heads (:mod:`diffrt.runtime.models.exits`). They are kept out
+        """Attach (or, with None, remove) exit heads (:class:`~diffrt.runtime.models.exits.ExitHeads`: their
+        ``exiting_forward`` runs while early exit is on, :mod:`diffrt.runtime.early_exit`). They are kept out
         of the DiT's own modules, so its state dict does not change; move them with the DiT yourself."""
         object.__setattr__(self, "exit_heads", heads)

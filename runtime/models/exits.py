@@ -12,18 +12,23 @@ After every ``every`` blocks (not after the last: that is the full model) an exi
 distribution: digits of the train split noised at uniform timesteps, labels dropped to the null class
 with p = 0.1): loss = sum_i mean (g_i - f)^2 + sum_i mean (u_i - tanh(mean |g_i - f|))^2.
 
-Inference (``Sampler(..., early_exit=threshold)`` sets :data:`ACTIVE`): the batch runs block by block;
+Inference (:class:`~diffrt.runtime.early_exit.EarlyExitModel`: ``Sampler(..., early_exit=threshold)`` puts
+an :class:`~diffrt.runtime.early_exit.ExitState` in the call context, and the DiT's forward hands the call
+to :meth:`ExitHeads.exiting_forward`): the batch runs block by block;
 at each exit the rows whose uncertainty is below ``threshold`` take that exit's prediction and leave,
 the others run on as a compacted batch (``early_exit_scope="batch"``: the whole batch stops at the
 first exit where every row is below it). One host read per exit point; ``threshold`` 0 never exits
-(u > 0), so it is the full model. :class:`ExitState` counts the blocks run per row.
+(u > 0), so it is the full model. The ExitState counts the blocks run per row.
+
+Train and ship the heads with ``python -m diffrt.runtime.models.train --model digits-dit-exits``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,36 +36,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .dit import EARLY_EXIT, DigitsDiT
+from ..early_exit import ExitState
+from ..graphs import GraphRunner, pad_rows
+from .dit import DigitsDiT
 
 log = logging.getLogger(__name__)
-
-ACTIVE = EARLY_EXIT  # the ExitState of the sampling in progress (dit.py reads it in forward)
-
-
-@dataclass
-class ExitState:
-    """The threshold of the sampling in progress, whether rows exit one by one (``per_sample``) or the
-    batch together, and the blocks run (counted per row: a row leaving at depth d ran d blocks)."""
-
-    threshold: float
-    per_sample: bool = True
-    graphs: bool = False  # segments between exits as CUDA graphs (:class:`ExitSegments`)
-    calls: int = 0
-    blocks_run: int = 0
-    blocks_full: int = 0
-    exits: dict[int, int] = field(default_factory=dict)  # depth -> rows that stopped there
-
-    def count(self, depth: int, rows: int) -> None:
-        self.blocks_run += depth * rows
-        self.exits[depth] = self.exits.get(depth, 0) + rows
-
-    @property
-    def stats(self) -> dict[str, Any]:
-        saved = 1 - self.blocks_run / self.blocks_full if self.blocks_full else 0.0
-        return {"calls": self.calls, "blocks_run": self.blocks_run, "blocks_full": self.blocks_full,
-                "blocks_saved_fraction": saved, "exits": dict(sorted(self.exits.items()))}
-
 
 class ExitHeads(nn.Module):
     """Output and uncertainty heads after blocks ``every``, ``2 every``, ... of a :class:`DigitsDiT`."""
@@ -84,6 +64,10 @@ class ExitHeads(nn.Module):
 
     def uncertainty_of(self, index: int, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.uncertainty[index](torch.cat([h.mean(dim=1), c], dim=1))).squeeze(1)
+
+    def exiting_forward(self, dit: DigitsDiT, state: ExitState, x, t, y) -> torch.Tensor:
+        """The DiT's forward while early exit is on (``dit.forward`` calls it): :func:`exiting_forward`."""
+        return exiting_forward(dit, state, x, t, y)
 
 
 def forward_exits(dit: DigitsDiT, heads: ExitHeads, x, t, y) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
@@ -114,8 +98,6 @@ class ExitSegments:
         self.bounds = [0, *heads.depths, dit.num_blocks]
         functions = [self._exit_segment(k) for k in range(len(heads.depths))] + [self._last_segment]
         if graphs:
-            from ..graphs import GraphRunner  # noqa: PLC0415
-
             functions = [GraphRunner(f) for f in functions]
         self.functions = functions
 
@@ -139,8 +121,6 @@ class ExitSegments:
         """Segment ``k`` on rows h [n, L, D], c [n, D] (padded to the graph bucket and cut back)."""
         if not self.graphs:
             return self.functions[k](h, c)
-        from ..graphs import pad_rows  # noqa: PLC0415
-
         (h, c), n = pad_rows((h, c))
         outputs = self.functions[k](h, c)
         if torch.is_tensor(outputs):
@@ -165,19 +145,14 @@ def exiting_forward(dit: DigitsDiT, state: ExitState, x, t, y) -> torch.Tensor:
 
     heads = dit.exit_heads
     segments = exit_segments(dit, state.graphs)
-    narrowed = []  # INT8 per-sample groups narrowed with the rows; restored on the way out
-    try:
+    with contextlib.ExitStack() as narrowed:  # INT8 per-sample groups narrowed with the rows; restored on the way out
         return _exit_loop(dit, heads, segments, state, *dit.embed(x, t, y), quant, narrowed)
-    finally:
-        for token in reversed(narrowed):
-            quant.ACTIVE.reset(token)
 
 
-def _exit_loop(dit, heads, segments, state, h, c, quant, narrowed) -> torch.Tensor:
+def _exit_loop(dit, heads, segments, state, h, c, quant, narrowed: contextlib.ExitStack) -> torch.Tensor:
     rows = torch.arange(h.shape[0], device=h.device)  # the rows still running, into the output
     out: torch.Tensor | None = None
-    state.calls += 1
-    state.blocks_full += dit.num_blocks * h.shape[0]
+    state.begin(h.shape[0], dit.num_blocks)
     for index, depth in enumerate(heads.depths):
         h, u, *predicted = segments.run(index, h, c)
         confident = u < state.threshold
@@ -197,9 +172,7 @@ def _exit_loop(dit, heads, segments, state, h, c, quant, narrowed) -> torch.Tens
             return out
         staying = ~confident
         h, c, rows = h[staying], c[staying], rows[staying]
-        token = quant.keep_samples(staying)
-        if token is not None:
-            narrowed.append(token)
+        narrowed.enter_context(quant.keep_samples(staying))
     prediction = segments.run(len(heads.depths), h, c)
     state.count(dit.num_blocks, rows.numel())
     if out is None:
@@ -260,7 +233,6 @@ EXITS_FILE = "digits-dit-exits.safetensors"
 def save_exit_heads(heads: ExitHeads, record: dict[str, Any], weights_dir) -> None:
     """``<weights_dir>/digits-dit-exits.safetensors`` and the record under "exit_heads" in digits-dit.json."""
     import json  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
 
     from safetensors.torch import save_file  # noqa: PLC0415
 
@@ -275,8 +247,6 @@ def save_exit_heads(heads: ExitHeads, record: dict[str, Any], weights_dir) -> No
 
 def load_exit_heads(dit: DigitsDiT, weights_dir) -> ExitHeads | None:
     """The shipped heads for ``dit`` (None when the file is absent), on the DiT's device and dtype."""
-    from pathlib import Path  # noqa: PLC0415
-
     from safetensors import safe_open  # noqa: PLC0415
     from safetensors.torch import load_file  # noqa: PLC0415
 
@@ -289,32 +259,3 @@ def load_exit_heads(dit: DigitsDiT, weights_dir) -> ExitHeads | None:
     heads.load_state_dict(load_file(str(path)))
     first = next(dit.parameters())
     return heads.to(first.device, first.dtype).eval().requires_grad_(False)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse  # noqa: PLC0415
-
-    from . import WEIGHTS_DIR, card, load  # noqa: PLC0415
-
-    parser = argparse.ArgumentParser(prog="python -m diffrt.runtime.models.exits",
-                                     description="Train the digits DiT's exit heads (backbone frozen); ship them.")
-    parser.add_argument("--every", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(WEIGHTS_DIR))
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    den = load("digits-dit", weights_dir=args.out)
-    heads, record = train_exit_heads(den.model, den.schedule, args.every, args.steps, seed=args.seed)
-    save_exit_heads(heads, record, args.out)
-    log.info("wrote the exit heads into %s (card %s)", args.out, card("digits-dit", args.out)["exit_heads"]["file"])
-    return 0
-
-
-if __name__ == "__main__":
-    from diffrt.runtime.models.exits import main as package_main  # one module object, not __main__ + package
-
-    raise SystemExit(package_main())

@@ -1,7 +1,7 @@
 """Train the shipped reference models (seeded; runs on 2 CPU cores, uses a GPU where there is one).
 
-    python -m diffrt.runtime.models.train --model digits-dit|digits-unet|digits-classifier
-        [--steps N] [--max-minutes M] [--out DIR] [--seed S] [--eval-only]
+    python -m diffrt.runtime.models.train --model digits-dit|digits-unet|digits-classifier|digits-dit-exits
+        [--steps N] [--max-minutes M] [--out DIR] [--seed S] [--eval-only] [--every K]
 
 Denoisers: DDPM training on the digits train split (``digits.load_digits("train")``: 1500 images,
 16x16, 1 channel, [-1, 1]) under the linear-beta schedule (1e-4..0.02, 1000 steps). Per step: a
@@ -25,7 +25,11 @@ Outputs ``<out>/<name>.safetensors`` and ``<out>/<name>.json`` (the model card: 
 parameter count, data, schedule, training record, final loss, and "baselines": class accuracy and
 digits-FID per solver setting, measured by :mod:`diffrt.runtime.models.baselines`).
 ``--eval-only`` re-measures the baselines of existing weights; ``--no-eval`` skips them.
-``--model digits-classifier`` runs the classifier's trainer (``digits.main``).
+``--model digits-classifier`` runs the classifier's trainer (:func:`digits.train_classifier
+<diffrt.runtime.models.digits.train_classifier>`, then the digits-FID floor of :mod:`diffrt.runtime.quality`);
+``--model digits-dit-exits`` trains the shipped DiT's exit heads with its backbone frozen
+(:func:`exits.train_exit_heads <diffrt.runtime.models.exits.train_exit_heads>`; ``--every K``: an exit
+after every K blocks; default 1500 steps).
 """
 from __future__ import annotations
 
@@ -236,7 +240,7 @@ def _diffusers_version() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffrt.runtime.models.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, choices=[*models.MODEL_NAMES, "digits-classifier"])
+    parser.add_argument("--model", required=True, choices=[*models.MODEL_NAMES, "digits-classifier", "digits-dit-exits"])
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the shipped recipe's)")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this much training time")
     parser.add_argument("--out", type=Path, default=models.WEIGHTS_DIR, help="where weights and card go")
@@ -249,20 +253,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-only", action="store_true", help="re-measure the baselines of existing weights")
     parser.add_argument("--no-eval", action="store_true", help="skip the baselines after training")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--every", type=int, default=1, help="digits-dit-exits: an exit after every K blocks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model == "digits-classifier":
-        from . import digits  # noqa: PLC0415 - the classifier's own trainer writes its weights and card
-        extra = ["--steps", str(args.steps)] if args.steps else []
-        return digits.main(["--train-classifier", "--seed", str(args.seed), "--out", str(args.out), *extra])
+        return train_classifier(args)
+    if args.model == "digits-dit-exits":
+        return train_exits(args)
     if not args.eval_only:
         result = train_denoiser(args.model, args)
         save_denoiser(args.model, result, args.out, args)
     if args.eval_only or not args.no_eval:
         entry = baselines.update_card(args.model, weights_dir=args.out)
         log.info("baselines of %s: %s", args.model, json.dumps(entry["goals"]))
+    return 0
+
+
+def train_classifier(args: argparse.Namespace) -> int:
+    """Train the digits classifier, measure the digits-FID floor with it, write its weights and card."""
+    from .. import quality  # noqa: PLC0415
+    from . import digits  # noqa: PLC0415 - it needs scikit-learn for the data
+
+    steps = args.steps or digits.TRAIN_RECIPE["steps"]
+    model, card = digits.train_classifier(seed=args.seed, steps=steps)
+    card["metrics"]["fid_floor"] = {"value": round(quality.fid_floor(seed=0, classifier=model), 6),
+                                    "n_samples": quality.FID_MIN_SAMPLES, "seed": 0,
+                                    "definition": quality.FID_FLOOR_DEFINITION}
+    digits.save_classifier(model, card, args.out)
+    return 0
+
+
+def train_exits(args: argparse.Namespace) -> int:
+    """Train the shipped digits DiT's exit heads (backbone frozen); write them beside its weights."""
+    from . import exits  # noqa: PLC0415
+
+    den = models.load("digits-dit", weights_dir=args.out)
+    heads, record = exits.train_exit_heads(den.model, den.schedule, args.every, args.steps or 1500, seed=args.seed)
+    exits.save_exit_heads(heads, record, args.out)
+    log.info("wrote the exit heads into %s (card %s)", args.out, models.card("digits-dit", args.out)["exit_heads"]["file"])
     return 0
 
 

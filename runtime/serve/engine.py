@@ -1,7 +1,7 @@
 """The serving engine: the models a server loaded, requests checked against them, batches sampled.
 
 :class:`Engine` is shared by the FastAPI server (with its own :class:`~diffrt.serve.batcher.Batcher`)
-and the Ray Serve deployment (with ``@serve.batch``). Models are :mod:`diffrt.runtime.zoo`
+and the Ray Serve deployment (with ``@serve.batch``). Models are :mod:`diffrt.bench.zoo`
 workloads (the shipped ``digits-dit`` / ``digits-unet``, or any zoo name; ``name:tiny`` for the toy
 sizes), loaded on first use; each request names a model, an acceleration the server offers
 (:class:`~diffrt.runtime.acceleration.Acceleration`, from a preset or a ``diffrt tune`` file), a
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffrt.runtime import zoo
+from diffrt.bench import zoo
 from diffrt.runtime.acceleration import Acceleration
 from diffrt.runtime.denoiser import Denoiser
 
@@ -226,7 +226,7 @@ class Engine:
     # ------------------------------------------------------------------ sampling
 
     def _sampler(self, key: tuple, workload: zoo.Workload):
-        from diffrt.runtime.benchmark import scheduler_options  # noqa: PLC0415
+        from diffrt.bench.benchmark import scheduler_options  # noqa: PLC0415
         from diffrt.runtime.optimized import optimize  # noqa: PLC0415
 
         model, acceleration, solver, steps, guidance, _ = key

@@ -8,30 +8,11 @@ NotImplementedError naming any option it does not reproduce.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from ..schedule import NoiseSchedule
 from .plan import Combo, SolverPlan, StepRow
-
-Builder = Callable[[NoiseSchedule, dict, int, dict], SolverPlan]
-
-SCHEDULERS: dict[str, Builder] = {}
-PRESETS: dict[str, tuple[str, dict]] = {}
-
-# Keys of a scheduler config that describe the training schedule, not the solver.
-SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                 "prediction_type", "rescale_betas_zero_snr", "shift", "flow_shift", "use_dynamic_shifting")
-
-
-def register(scheduler_class: str, presets: dict[str, dict] | None = None) -> Callable[[Builder], Builder]:
-    """Decorator: register ``builder`` for a diffusers class and its preset solver names."""
-    def wrap(builder: Builder) -> Builder:
-        SCHEDULERS[scheduler_class] = builder
-        for name, overrides in (presets or {}).items():
-            PRESETS[name] = (scheduler_class, overrides)
-        return builder
-    return wrap
-
+from .registry import PRESETS, SCHEDULE_KEYS, SCHEDULERS, STEP_OPTIONS, Builder, register
 
 def plan_from_scheduler(scheduler: Any, num_inference_steps: int, schedule: NoiseSchedule | None = None,
                         **step_options: Any) -> SolverPlan:
@@ -62,10 +43,6 @@ def plan_for(solver: str, schedule: NoiseSchedule, num_inference_steps: int, **o
     return SCHEDULERS[class_name](schedule, config, _check_steps(num_inference_steps), step_options)
 
 
-# Options diffusers takes in ``step()`` rather than in the config, per class.
-STEP_OPTIONS: dict[str, tuple[str, ...]] = {"DDIMScheduler": ("eta", "use_clipped_model_output")}
-
-
 def _check_steps(steps: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
@@ -74,4 +51,5 @@ def _check_steps(steps: int) -> int:
 
 from . import ddim, deis, dpm, euler, flow, lcm, unipc  # noqa: E402,F401  (registers the builders)
 
-__all__ = ["Combo", "SolverPlan", "StepRow", "SCHEDULERS", "PRESETS", "register", "plan_for", "plan_from_scheduler"]
+__all__ = ["Builder", "Combo", "PRESETS", "SCHEDULERS", "SCHEDULE_KEYS", "STEP_OPTIONS", "SolverPlan", "StepRow", "plan_for",
+           "plan_from_scheduler", "register"]

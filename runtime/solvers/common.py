@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..schedule import NoiseSchedule
-from . import SCHEDULE_KEYS  # defined before the package imports the builders
+from .registry import SCHEDULE_KEYS
 
 
 def check_unsupported(config: dict, unsupported: dict, scheduler: str) -> None:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from ..schedule import NoiseSchedule
-from . import register
+from .registry import register
 from .common import check_step_options, check_unsupported
 from .plan import Combo, SolverPlan, StepRow
 

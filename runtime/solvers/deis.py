@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from . import register
+from .registry import register
 from .common import check_first_timestep, check_known_options, check_unsupported, vp_schedule
 from .multistep import MULTISTEP_KEYS, Coefficients, alpha_sigma_lambda, multistep_orders, ring_rows
 from .plan import SolverPlan

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from . import STEP_OPTIONS, register
+from .registry import STEP_OPTIONS, register
 from .common import check_first_timestep, check_step_options, check_unsupported
 from .plan import Combo, SolverPlan, StepRow
 from .sigmas import exponential_sigmas, karras_sigmas, sigma_to_t, ve_sigmas, zero_snr_alphas_cumprod

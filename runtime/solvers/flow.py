@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from . import STEP_OPTIONS, register
+from .registry import STEP_OPTIONS, register
 from .common import check_step_options, check_unsupported
 from .euler import CHURN_OPTIONS
 from .plan import Combo, SolverPlan, StepRow

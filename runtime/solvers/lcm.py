@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from . import register
+from .registry import register
 from .common import check_step_options, check_unsupported
 from .plan import Combo, SolverPlan, StepRow
 

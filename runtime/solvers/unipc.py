@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from . import register
+from .registry import register
 from .common import check_first_timestep, check_unsupported, noise_prediction, vp_schedule
 from .multistep import alpha_sigma_lambda
 from .plan import Combo, SolverPlan, StepRow

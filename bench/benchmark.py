@@ -1,6 +1,6 @@
 """``diffrt bench``: a model's sampling latency under the baselines and diffrt's configurations, in one process.
 
-For one :class:`~diffrt.runtime.zoo.Workload` at a batch size, every configuration samples the
+For one :class:`~diffrt.bench.zoo.Workload` at a batch size, every configuration samples the
 same noise and conditions (CFG as the workload says). First the **fp32 reference** runs: diffusers'
 scheduler loop on the fp32 model, the output every other row is compared with. Then per row:
 
@@ -40,9 +40,10 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from diffrt.runtime.acceleration import Acceleration
+from diffrt.runtime.denoiser import Denoiser
+
 from . import harness
-from .acceleration import Acceleration
-from .denoiser import Denoiser
 from .zoo import Workload
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class Inputs:
 def _scheduler_class(solver: str):
     import diffusers  # noqa: PLC0415
 
-    from .solvers import PRESETS  # noqa: PLC0415
+    from diffrt.runtime.solvers import PRESETS  # noqa: PLC0415
 
     if solver not in PRESETS:
         raise ValueError(f"unknown solver {solver!r}; one of {', '.join(sorted(PRESETS))}")
@@ -95,7 +96,7 @@ def diffusers_scheduler(workload: Workload, solver: str) -> Any:
 def scheduler_options(workload: Workload, solver: str) -> dict[str, Any]:
     """The workload's scheduler options beyond the noise schedule (timestep spacing, steps offset...)
     that ``solver``'s scheduler takes: diffrt's Sampler gets them too, so both run the same grid."""
-    from .solvers import SCHEDULE_KEYS  # noqa: PLC0415
+    from diffrt.runtime.solvers import SCHEDULE_KEYS  # noqa: PLC0415
 
     scheduler_cls, overrides = _scheduler_class(solver)
     accepted = inspect.signature(scheduler_cls.__init__).parameters
@@ -133,7 +134,7 @@ def _model_copy(den: Denoiser, dtype: torch.dtype, wrap: Callable[[Any], Any] | 
 
 def diffrt_configs(workload: Workload, names: list[str], device: torch.device) -> dict[str, Acceleration | str]:
     """{name: Acceleration, or the reason it does not apply to this workload}."""
-    from .sampler import DEFAULT_ADAPTIVE_THRESHOLD, DEFAULT_EXIT_THRESHOLD  # noqa: PLC0415
+    from diffrt.runtime.sampler import DEFAULT_ADAPTIVE_THRESHOLD, DEFAULT_EXIT_THRESHOLD  # noqa: PLC0415
 
     exact = Acceleration()
     model = workload.den.model
@@ -168,7 +169,7 @@ def diffrt_configs(workload: Workload, names: list[str], device: torch.device) -
 
 def cacheable(model: Any) -> bool:
     """Whether the step cache can wrap ``model`` (one sequential transformer block list)."""
-    from .step_cache import block_list  # noqa: PLC0415
+    from diffrt.runtime.step_cache import block_list  # noqa: PLC0415
 
     try:
         block_list(model)
@@ -231,7 +232,7 @@ def _diffrt_builder(workload: Workload, config: Acceleration | Path, solver: str
                     calibrations: Calibrations):
     """``config``: an Acceleration, or a saved one's path (its calibration path is relative to it)."""
     def build():
-        from .optimized import optimize  # noqa: PLC0415
+        from diffrt.runtime.optimized import optimize  # noqa: PLC0415
 
         acc = Acceleration.load(config) if isinstance(config, Path) else calibrations.resolve(config, solver, steps)
         fast = optimize(workload.den, config=config if isinstance(config, Path) else acc)

@@ -26,8 +26,9 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from diffrt.runtime.acceleration import Acceleration
+
 from . import harness
-from .acceleration import Acceleration
 from .benchmark import (
     PENDING,
     Calibrations,
@@ -203,7 +204,7 @@ def tune(workload: Workload, quality_floor_db: float = 30.0, batch: int = 4, axe
 
 
 def _runner(workload: Workload, acc: Acceleration, inputs: Inputs) -> Callable[[], torch.Tensor]:
-    from .optimized import optimize  # noqa: PLC0415
+    from diffrt.runtime.optimized import optimize  # noqa: PLC0415
 
     fast = optimize(workload.den, config=acc)
     sampler = acc.sampler(fast, workload.solver, workload.steps, guidance_scale=inputs.guidance_scale,

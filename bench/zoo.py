@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from .denoiser import Denoiser
+from diffrt.runtime.denoiser import Denoiser
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _randn(device: torch.device, *shape: int) -> Callable[[int, int], torch.Tens
 
 
 def _digits(name: str, device: torch.device, resolution: int | None) -> Workload:
-    from . import models  # noqa: PLC0415
+    from diffrt.runtime import models  # noqa: PLC0415
 
     if resolution not in (None, 16):
         raise ValueError(f"{name} samples 16x16 pixels; --resolution {resolution} is not possible")
@@ -278,9 +278,9 @@ def _lipsync(device: torch.device, resolution: int | None, tiny: bool) -> Worklo
 
 
 def _folder(folder: Path, device: torch.device, resolution: int | None) -> Workload:
-    from .cli import load_model  # noqa: PLC0415
+    from diffrt.runtime import models  # noqa: PLC0415
 
-    den = load_model(str(folder), None)
+    den = models.load_model(folder)
     den.model.to(device)
     den.device = device
     config = getattr(den.model, "config", {})
@@ -297,6 +297,6 @@ def _folder(folder: Path, device: torch.device, resolution: int | None) -> Workl
 
 
 def _schedule(config: dict[str, Any]):
-    from .schedule import NoiseSchedule  # noqa: PLC0415
+    from diffrt.runtime.schedule import NoiseSchedule  # noqa: PLC0415
 
     return NoiseSchedule.from_config(config)
