@@ -77,8 +77,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def check_parity(scheduler_cls, config: dict, steps: int, model: str = "toy", guidance_scale=None, seed=0,
                  stochastic=False, tol=TOL, step_kwargs=None, batch=2):
     """Assert our sampler reproduces the diffusers loop for ``scheduler_cls(**config)`` at every step."""
+    return check_scheduler_parity(lambda: scheduler_cls(**config), steps, model, guidance_scale, seed, stochastic, tol,
+                                  step_kwargs, batch)
+
+
+def check_scheduler_parity(make_scheduler, steps: int, model: str = "toy", guidance_scale=None, seed=0,
+                           stochastic=False, tol=TOL, step_kwargs=None, batch=2):
+    """Assert our sampler reproduces the diffusers loop for the scheduler ``make_scheduler()`` builds (called
+    twice: one for diffusers' loop, a fresh one for ``Sampler.from_scheduler``) at every step."""
     step_kwargs = step_kwargs or {}
-    scheduler = scheduler_cls(**config)
+    scheduler = make_scheduler()
     gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(batch, 3, 8, 8, generator=gen)
     cond = torch.arange(batch) % 10
@@ -93,7 +101,7 @@ def check_parity(scheduler_cls, config: dict, steps: int, model: str = "toy", gu
     g_ref = torch.Generator().manual_seed(1234) if stochastic else None
     with torch.no_grad():
         ref = diffusers_trajectory(scheduler, fn, noise, steps, cond, uncond, guidance_scale, g_ref, **step_kwargs)
-    sampler = Sampler.from_scheduler(den, scheduler_cls(**config), steps, guidance_scale=guidance_scale, **step_kwargs)
+    sampler = Sampler.from_scheduler(den, make_scheduler(), steps, guidance_scale=guidance_scale, **step_kwargs)
     ours = []
     g_ours = torch.Generator().manual_seed(1234) if stochastic else None
     with torch.no_grad():

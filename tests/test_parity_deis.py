@@ -84,3 +84,10 @@ def test_deis_option_of_another_scheduler_refused():  # use_lu_lambdas is DPM-So
     schedule = NoiseSchedule.from_config(diffusers.DEISMultistepScheduler().config)
     with pytest.raises(NotImplementedError, match="use_lu_lambdas"):
         plan_for("deis", schedule, 10, use_lu_lambdas=True)
+
+
+def test_deis_ignores_another_schedulers_keys_as_diffusers_does():  # DEIS.from_config(dpm.config) keeps them in .config
+    scheduler = diffusers.DEISMultistepScheduler.from_config(diffusers.DPMSolverMultistepScheduler(use_lu_lambdas=True).config)
+    assert scheduler.config.get("use_lu_lambdas") is True
+    plan = plan_from_scheduler(scheduler, 10)
+    assert plan.steps == 10

@@ -129,7 +129,7 @@ def test_dpm_repeated_first_timestep_rejected():  # diffusers starts at the seco
         plan_from_scheduler(scheduler, 10)
 
 
-def test_dpm_unknown_option_refused():
+def test_dpm_unknown_option_refused():  # no scheduler has this option: a misspelling is a TypeError, as for a call
     schedule = NoiseSchedule.from_config(DPMSolverMultistepScheduler().config)
-    with pytest.raises(NotImplementedError, match="use_sigmoid_sigmas"):
+    with pytest.raises(TypeError, match="use_sigmoid_sigmas"):
         plan_for("dpmpp-2m", schedule, 10, use_sigmoid_sigmas=True)

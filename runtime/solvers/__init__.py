@@ -12,15 +12,22 @@ from typing import Any
 
 from ..schedule import NoiseSchedule
 from .plan import Combo, SolverPlan, StepRow
-from .registry import PRESETS, SCHEDULE_KEYS, SCHEDULERS, STEP_OPTIONS, Builder, register
+from .registry import (OPTIONS, PRESETS, SCHEDULE_KEYS, SCHEDULERS, STEP_OPTIONS, Builder, check_options,
+                       check_signature, class_config, register)
+
 
 def plan_from_scheduler(scheduler: Any, num_inference_steps: int, schedule: NoiseSchedule | None = None,
                         **step_options: Any) -> SolverPlan:
-    """The plan that reproduces a configured diffusers scheduler (class and config)."""
+    """The plan that reproduces a configured diffusers scheduler (class and config).
+
+    Keys of ``scheduler.config`` that are not options of its class (left there by ``from_config`` of
+    another scheduler) are ignored, as diffusers ignores them.
+    """
     name = type(scheduler).__name__
     if name not in SCHEDULERS:
         raise NotImplementedError(f"scheduler {name} is not supported; supported: {', '.join(sorted(SCHEDULERS))}")
-    config = dict(scheduler.config)
+    check_signature(scheduler)
+    config = class_config(name, dict(scheduler.config))
     schedule = schedule or NoiseSchedule.from_config(scheduler.config)
     return SCHEDULERS[name](schedule, config, _check_steps(num_inference_steps), dict(step_options))
 
@@ -28,15 +35,18 @@ def plan_from_scheduler(scheduler: Any, num_inference_steps: int, schedule: Nois
 def plan_for(solver: str, schedule: NoiseSchedule, num_inference_steps: int, **options: Any) -> SolverPlan:
     """The plan of a preset solver name (``"dpmpp-2m"``, ``"ddim"``, ...) on ``schedule``.
 
-    ``options`` are the scheduler class's config options (diffusers names) or step-time options
-    (``eta=`` for DDIM); they override the preset.
+    The scheduler class's options come from the schedule's config (the model's own scheduler config:
+    what ``X.from_config(model_scheduler.config)`` would take), then the preset, then ``options``: config
+    options of the class (diffusers names) or step-time options (``eta=`` for DDIM). An option the class
+    does not have raises NotImplementedError (another scheduler's) or TypeError (no scheduler's).
     """
     if solver not in PRESETS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(sorted(PRESETS))}")
     class_name, preset = PRESETS[solver]
+    check_options(class_name, options)
     step_keys = STEP_OPTIONS.get(class_name, ())
     step_options = {k: options.pop(k) for k in list(options) if k in step_keys}
-    config = {k: v for k, v in schedule.config.items() if k in SCHEDULE_KEYS}
+    config = class_config(class_name, schedule.config)
     config.update(preset)
     config.update(options)
     config["_class_name"] = class_name
@@ -51,5 +61,5 @@ def _check_steps(steps: int) -> int:
 
 from . import ddim, deis, dpm, euler, flow, lcm, unipc  # noqa: E402,F401  (registers the builders)
 
-__all__ = ["Builder", "Combo", "PRESETS", "SCHEDULERS", "SCHEDULE_KEYS", "STEP_OPTIONS", "SolverPlan", "StepRow", "plan_for",
-           "plan_from_scheduler", "register"]
+__all__ = ["Builder", "Combo", "OPTIONS", "PRESETS", "SCHEDULERS", "SCHEDULE_KEYS", "STEP_OPTIONS", "SolverPlan", "StepRow",
+           "plan_for", "plan_from_scheduler", "register"]

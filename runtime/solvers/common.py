@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 
 from ..schedule import NoiseSchedule
-from .registry import SCHEDULE_KEYS
 
 
 def check_unsupported(config: dict, unsupported: dict, scheduler: str) -> None:
@@ -20,13 +19,6 @@ def check_step_options(step_options: dict, allowed: tuple[str, ...], name: str) 
     extra = sorted(k for k in step_options if k not in allowed)
     if extra:
         raise NotImplementedError(f"{name}: step options {extra} are not reproduced by diffrt")
-
-
-def check_known_options(config: dict, known: tuple[str, ...], scheduler: str) -> None:
-    """Refuse config keys that are not options of ``scheduler`` (private ``_`` keys and schedule keys pass)."""
-    unknown = sorted(k for k in config if not k.startswith("_") and k not in known and k not in SCHEDULE_KEYS)
-    if unknown:
-        raise NotImplementedError(f"{scheduler}: option(s) {', '.join(unknown)} are not options of this scheduler")
 
 
 def check_first_timestep(timesteps: np.ndarray, scheduler: str) -> None:

@@ -12,11 +12,14 @@ import math
 import numpy as np
 
 from ..schedule import NoiseSchedule
-from .registry import register
+from .registry import VP_OPTIONS, register
 from .common import check_step_options, check_unsupported
 from .plan import Combo, SolverPlan, StepRow
 
 UNSUPPORTED = {"thresholding": False}
+OPTIONS = VP_OPTIONS + ("clip_sample", "set_alpha_to_one", "steps_offset", "thresholding",
+                        "dynamic_thresholding_ratio", "clip_sample_range", "sample_max_value", "timestep_spacing",
+                        "rescale_betas_zero_snr")
 
 
 def spaced_timesteps(spacing: str, num_train: int, steps: int, steps_offset: int) -> np.ndarray:
@@ -34,7 +37,7 @@ def spaced_timesteps(spacing: str, num_train: int, steps: int, steps_offset: int
     raise NotImplementedError(f"timestep_spacing={spacing!r} is not supported (linspace, leading, trailing)")
 
 
-@register("DDIMScheduler", presets={"ddim": {}})
+@register("DDIMScheduler", OPTIONS, presets={"ddim": {}})
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
     """Plan of diffusers' DDIMScheduler; step options: eta (default 0), use_clipped_model_output."""
     check_unsupported(config, UNSUPPORTED, "DDIMScheduler")

@@ -27,15 +27,19 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from .registry import register
-from .common import check_first_timestep, check_known_options, check_unsupported, vp_schedule
-from .multistep import MULTISTEP_KEYS, Coefficients, alpha_sigma_lambda, multistep_orders, ring_rows
+from .registry import VP_OPTIONS, register
+from .common import check_first_timestep, check_unsupported, vp_schedule
+from .multistep import Coefficients, alpha_sigma_lambda, multistep_orders, ring_rows
 from .plan import SolverPlan
 from .sigmas import data_prediction, exponential_sigmas, karras_sigmas, multistep_timesteps, sigma_to_t, ve_sigmas
 
 NAME = "DEISMultistepScheduler"
 UNSUPPORTED = {"thresholding": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
                "use_dynamic_shifting": False, "rescale_betas_zero_snr": False}
+OPTIONS = VP_OPTIONS + ("solver_order", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+                        "algorithm_type", "solver_type", "lower_order_final", "use_karras_sigmas",
+                        "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "flow_shift",
+                        "timestep_spacing", "steps_offset", "use_dynamic_shifting", "time_shift_type")
 
 
 def deis_grid(alphas_cumprod: torch.Tensor, config: dict, steps: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,14 +117,16 @@ def _check_algorithm(config: dict) -> None:
         raise NotImplementedError(f"{NAME}: solver_type={solver_type!r} is not reproduced (logrho)")
 
 
-@register(NAME, presets={"deis": {"solver_order": 2}})
+@register(NAME, OPTIONS, presets={"deis": {"solver_order": 2}})
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
     """Plan of diffusers' DEISMultistepScheduler (no step-time options)."""
-    check_known_options(config, MULTISTEP_KEYS, NAME)
     check_unsupported(config, UNSUPPORTED, NAME)
     if step_options:
         raise NotImplementedError(f"{NAME}: step options {sorted(step_options)} are not reproduced")
     ptype = vp_schedule(schedule, NAME)
+    if float(schedule.alphas_cumprod[-1]) == 0.0:
+        raise NotImplementedError(f"{NAME}: the schedule has zero terminal SNR (rescale_betas_zero_snr), which DEIS "
+                                  "does not handle (its last sigma is infinite)")
     _check_algorithm(config)
     timesteps, sigmas = deis_grid(schedule.alphas_cumprod, config, steps)
     check_first_timestep(timesteps, NAME)

@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from .registry import register
-from .common import check_first_timestep, check_known_options, check_unsupported, noise_prediction, vp_schedule
-from .multistep import MULTISTEP_KEYS, Coefficients, alpha_sigma_lambda, expand_differences, multistep_orders, ring_rows
+from .registry import VP_OPTIONS, register
+from .common import check_first_timestep, check_unsupported, noise_prediction, vp_schedule
+from .multistep import Coefficients, alpha_sigma_lambda, expand_differences, multistep_orders, ring_rows
 from .plan import SolverPlan
 from .sigmas import (
     data_prediction,
@@ -53,11 +53,16 @@ from .sigmas import (
 
 UNSUPPORTED = {"thresholding": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
                "use_dynamic_shifting": False}
+OPTIONS = VP_OPTIONS + ("solver_order", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+                        "algorithm_type", "solver_type", "lower_order_final", "euler_at_final", "use_karras_sigmas",
+                        "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+                        "flow_shift", "final_sigmas_type", "lambda_min_clipped", "variance_type", "timestep_spacing",
+                        "steps_offset", "rescale_betas_zero_snr", "use_dynamic_shifting", "time_shift_type")
+
+
 LEARNED_VARIANCE = ("learned", "learned_range")  # diffusers then keeps the first 3 output channels; other values
                                                  # (a DDPM config's "fixed_small") change nothing in this scheduler
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
-DPM_KEYS = MULTISTEP_KEYS + ("euler_at_final", "use_lu_lambdas", "final_sigmas_type", "lambda_min_clipped",
-                             "variance_type", "rescale_betas_zero_snr")
 
 
 
@@ -151,7 +156,7 @@ def _algorithm_options(config: dict) -> tuple[str, str]:
     return algorithm, solver_type
 
 
-@register("DPMSolverMultistepScheduler", presets={
+@register("DPMSolverMultistepScheduler", OPTIONS, presets={
     "dpmpp-1m": {"algorithm_type": "dpmsolver++", "solver_order": 1},
     "dpmpp-2m": {"algorithm_type": "dpmsolver++", "solver_order": 2},
     "dpmpp-3m": {"algorithm_type": "dpmsolver++", "solver_order": 3},
@@ -161,7 +166,6 @@ def _algorithm_options(config: dict) -> tuple[str, str]:
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
     """Plan of diffusers' DPMSolverMultistepScheduler (no step-time options)."""
     name = "DPMSolverMultistepScheduler"
-    check_known_options(config, DPM_KEYS, name)
     check_unsupported(config, UNSUPPORTED, name)
     if config.get("variance_type") in LEARNED_VARIANCE:
         raise NotImplementedError(f"{name}: option variance_type={config['variance_type']!r} is not reproduced by diffrt "

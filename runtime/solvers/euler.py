@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from .registry import STEP_OPTIONS, register
+from .registry import STEP_OPTIONS, VP_OPTIONS, register
 from .common import check_first_timestep, check_step_options, check_unsupported
 from .plan import Combo, SolverPlan, StepRow
 from .sigmas import exponential_sigmas, karras_sigmas, sigma_to_t, ve_sigmas, zero_snr_alphas_cumprod
@@ -36,6 +36,12 @@ from .sigmas import exponential_sigmas, karras_sigmas, sigma_to_t, ve_sigmas, ze
 CHURN_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 STEP_OPTIONS["EulerDiscreteScheduler"] = CHURN_OPTIONS
 UNSUPPORTED = {"use_beta_sigmas": False}
+EULER_OPTIONS = VP_OPTIONS + ("interpolation_type", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                              "sigma_min", "sigma_max", "timestep_spacing", "timestep_type", "steps_offset",
+                              "rescale_betas_zero_snr", "final_sigmas_type")
+ANCESTRAL_OPTIONS = VP_OPTIONS + ("timestep_spacing", "steps_offset", "rescale_betas_zero_snr")
+HEUN_OPTIONS = VP_OPTIONS + ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "clip_sample",
+                             "clip_sample_range", "timestep_spacing", "steps_offset")
 # Options of EulerDiscreteScheduler that the ancestral class lacks (Heun has the use_* ones): set away
 # from these defaults in a preset's options they would silently change nothing, so they are refused.
 EULER_ONLY = {"interpolation_type": "linear", "use_karras_sigmas": False, "use_exponential_sigmas": False,
@@ -131,7 +137,7 @@ def euler_update(x0_x: float, x0_m: float, sigma: float, dt: float, clipped: boo
     return Combo(x=1.0 + r * (1.0 - x0_x), model=-r * x0_m)
 
 
-@register("EulerDiscreteScheduler", presets={"euler": {}})
+@register("EulerDiscreteScheduler", EULER_OPTIONS, presets={"euler": {}})
 def build_euler(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
     """Plan of EulerDiscreteScheduler; step options s_churn, s_tmin, s_tmax, s_noise (as its step())."""
     name = "EulerDiscreteScheduler"
@@ -163,7 +169,7 @@ def build_euler(schedule: NoiseSchedule, config: dict, steps: int, step_options:
                       options={"s_churn": s_churn, "s_tmin": s_tmin, "s_tmax": s_tmax, "s_noise": s_noise})
 
 
-@register("EulerAncestralDiscreteScheduler", presets={"euler-ancestral": {}})
+@register("EulerAncestralDiscreteScheduler", ANCESTRAL_OPTIONS, presets={"euler-ancestral": {}})
 def build_euler_ancestral(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
     """Plan of EulerAncestralDiscreteScheduler (one noise draw per step, the last one with s_up = 0)."""
     name = "EulerAncestralDiscreteScheduler"
@@ -188,7 +194,7 @@ def build_euler_ancestral(schedule: NoiseSchedule, config: dict, steps: int, ste
                       init_noise_sigma=init_noise_sigma(sigmas, config.get("timestep_spacing", "linspace")))
 
 
-@register("HeunDiscreteScheduler", presets={"heun": {}})
+@register("HeunDiscreteScheduler", HEUN_OPTIONS, presets={"heun": {}})
 def build_heun(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
     """Plan of HeunDiscreteScheduler: 2N-1 rows, one per model call (slot 0 keeps the stage's start)."""
     name = "HeunDiscreteScheduler"

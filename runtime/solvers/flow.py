@@ -28,6 +28,9 @@ from .plan import Combo, SolverPlan, StepRow
 from .sigmas import exponential_sigmas, karras_sigmas
 
 UNSUPPORTED = {"use_dynamic_shifting": False, "use_beta_sigmas": False}
+OPTIONS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+           "max_image_seq_len", "invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+           "use_beta_sigmas", "time_shift_type", "stochastic_sampling")
 STEP_OPTIONS["FlowMatchEulerDiscreteScheduler"] = CHURN_OPTIONS
 
 
@@ -57,7 +60,7 @@ def flow_sigmas(num_train: int, shift: float, steps: int, config: dict) -> tuple
     return sigmas * num_train, torch.cat([sigmas, torch.zeros(1)])
 
 
-@register("FlowMatchEulerDiscreteScheduler", presets={"flow-euler": {}})
+@register("FlowMatchEulerDiscreteScheduler", OPTIONS, presets={"flow-euler": {}})
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
     """Plan of diffusers' FlowMatchEulerDiscreteScheduler (fixed shift)."""
     name = "FlowMatchEulerDiscreteScheduler"

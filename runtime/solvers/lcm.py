@@ -19,11 +19,14 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from .registry import register
+from .registry import VP_OPTIONS, register
 from .common import check_step_options, check_unsupported
 from .plan import Combo, SolverPlan, StepRow
 
 UNSUPPORTED = {"thresholding": False}
+OPTIONS = VP_OPTIONS + ("original_inference_steps", "clip_sample", "clip_sample_range", "set_alpha_to_one",
+                        "steps_offset", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+                        "timestep_spacing", "timestep_scaling", "rescale_betas_zero_snr")
 
 
 def lcm_timesteps(num_train: int, original_steps: int, steps: int) -> np.ndarray:
@@ -62,7 +65,7 @@ def lcm_x0(ptype: str, abar_t: torch.Tensor) -> tuple[float, float]:
     raise NotImplementedError(f"LCMScheduler: prediction_type={ptype!r} is not supported")
 
 
-@register("LCMScheduler", presets={"lcm": {}})
+@register("LCMScheduler", OPTIONS, presets={"lcm": {}})
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
     """Plan of diffusers' LCMScheduler (noise drawn on steps 0..N-2, in the sample's dtype)."""
     name = "LCMScheduler"

@@ -8,12 +8,6 @@ import torch
 
 from .plan import Combo, StepRow
 
-# Config options of diffusers' multistep schedulers (an unknown key is refused, not ignored).
-MULTISTEP_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "solver_order",
-                  "prediction_type", "thresholding", "dynamic_thresholding_ratio", "sample_max_value", "algorithm_type",
-                  "solver_type", "lower_order_final", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                  "use_flow_sigmas", "flow_shift", "timestep_spacing", "steps_offset", "use_dynamic_shifting",
-                  "time_shift_type")
 Coefficients = tuple[float, list[float], float]  # (x weight, weight of M_0, M_1, ..., noise weight)
 
 

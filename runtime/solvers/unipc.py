@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from .registry import register
+from .registry import VP_OPTIONS, register
 from .common import check_first_timestep, check_unsupported, noise_prediction, vp_schedule
 from .multistep import alpha_sigma_lambda
 from .plan import Combo, SolverPlan, StepRow
@@ -50,6 +50,13 @@ logger = logging.getLogger(__name__)
 NAME = "UniPCMultistepScheduler"
 UNSUPPORTED = {"thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
                "use_flow_sigmas": False, "use_dynamic_shifting": False, "solver_p": None, "shift_terminal": None}
+OPTIONS = VP_OPTIONS + ("solver_order", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+                        "predict_x0", "solver_type", "lower_order_final", "disable_corrector", "solver_p",
+                        "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
+                        "flow_shift", "timestep_spacing", "steps_offset", "final_sigmas_type",
+                        "rescale_betas_zero_snr", "use_dynamic_shifting", "time_shift_type", "sigma_min",
+                        "sigma_max", "shift_terminal")
+
 
 Form = dict  # linear form: {"x": w, ("M", j): w, ("L", j): w}; M_j model output j, L_j corrected sample j
 
@@ -244,7 +251,7 @@ def _solver_type(config: dict) -> bool:
     return solver_type == "bh1"
 
 
-@register(NAME, presets={"unipc": {"solver_type": "bh2", "solver_order": 2}})
+@register(NAME, OPTIONS, presets={"unipc": {"solver_type": "bh2", "solver_order": 2}})
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
     """Plan of diffusers' UniPCMultistepScheduler (no step-time options)."""
     check_unsupported(config, UNSUPPORTED, NAME)
