@@ -37,6 +37,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-chart", action="store_true")
     p.add_argument("--serial", action="store_true", help="time each configuration right after building it and free "
                    "it before the next (less GPU memory; default: all built, timed in interleaved rounds)")
+    p.add_argument("--pipeline", action="store_true", help="the model inside its real diffusers pipeline class: "
+                   "diffusers eager and torch.compile vs accelerate(pipe), whole pipeline calls "
+                   "(sd15-unet, sd-turbo-stream, sdxl-unet, dit-xl-2, flux-like)")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("tune", help="the fastest configuration whose samples stay within a quality floor")
     _workload_arguments(p)
@@ -60,17 +63,35 @@ def _device(name: str | None) -> torch.device:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmark one model: baselines and diffrt configurations; table, JSON and chart."""
-    from . import benchmark, report  # noqa: PLC0415 - the parser stays light for the other commands
+    from . import benchmark  # noqa: PLC0415 - the parser stays light for the other commands
 
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     workload = zoo.workload(args.model, device, args.resolution, tiny=args.tiny)
+    if args.pipeline:
+        from . import pipeline_bench  # noqa: PLC0415
+
+        if args.solver:
+            raise ValueError("--pipeline runs the pipeline's own scheduler class; --solver does not apply")
+        workload.steps = args.steps or workload.steps
+        result = pipeline_bench.run(workload, batch=args.batch, dtype=DTYPES[args.dtype] if args.dtype else None,
+                                    tuned=args.config, warmup=args.warmup, repeats=args.repeats,
+                                    max_seconds=args.max_seconds, compile_mode=args.compile_mode, seed=args.seed,
+                                    progress=not args.quiet)
+        return _report(args, device, result)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     result = benchmark.run(workload, batch=args.batch, configs=configs, steps=args.steps, solver=args.solver,
                            dtype=DTYPES[args.dtype] if args.dtype else None, tuned=args.config, warmup=args.warmup,
                            repeats=args.repeats, max_seconds=args.max_seconds, compile_mode=args.compile_mode,
                            seed=args.seed, progress=not args.quiet, interleave=not args.serial)
+    return _report(args, device, result)
+
+
+def _report(args: argparse.Namespace, device: torch.device, result: dict) -> int:
+    """Table, stamped JSON and chart of a bench result; exit code 1 when a row failed."""
+    from . import report  # noqa: PLC0415
+
     stamp = harness.environment_stamp(str(device))
     path = report.write_json(args.out, result, stamp)
     print(report.table(result))

@@ -270,6 +270,50 @@ class DiffrtFluxProcessor:
         return image, attn.to_add_out(text.contiguous())
 
 
+class DiffrtJointProcessor:
+    """diffusers ``JointAttnProcessor2_0`` (Stable Diffusion 3's MMDiT blocks), attention by diffrt: image
+    and text tokens attend jointly ([image, text]), so ToDo and window masks do not apply."""
+
+    def __init__(self, original: Any, layer: Layer):
+        self.original = original
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        active = context.current().attention
+        if active is None or attention_mask is not None or args or kwargs:
+            if active is not None:
+                _log_fallback(self.layer, "an attention mask or extra arguments")
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        batch, image_tokens = hidden_states.shape[:2]
+        head_dim = attn.to_k.out_features // attn.heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, -1, attn.heads, head_dim)
+
+        query, key, value = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:  # over the head dim, as on diffusers' [B, H, L, D] layout
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            text_q = heads(attn.add_q_proj(encoder_hidden_states))
+            text_k = heads(attn.add_k_proj(encoder_hidden_states))
+            text_v = heads(attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                text_q = attn.norm_added_q(text_q)
+            if attn.norm_added_k is not None:
+                text_k = attn.norm_added_k(text_k)
+            query, key, value = (torch.cat(pair, dim=1) for pair in ((query, text_q), (key, text_k), (value, text_v)))
+        out = _fused(self.layer, active[0], query, key, value, None, encoder_hidden_states is None)
+        out = out.reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        image, text = out[:, :image_tokens], out[:, image_tokens:]
+        image = attn.to_out[1](attn.to_out[0](image))
+        if encoder_hidden_states is None:
+            return image
+        return image, (text if attn.context_pre_only else attn.to_add_out(text))
+
+
 class DiTProcessor:
     """Processor of a model's own attention modules (:meth:`DigitsDiT.qkv_attention_layers
     <diffrt.runtime.models.dit.DigitsDiT.qkv_attention_layers>`): ``processor(module, q, k, v)`` with
@@ -286,8 +330,11 @@ class DiTProcessor:
         return _fused(self.layer, active[0], q, k, v, grid_level, True)
 
 
+DIFFUSERS_PROCESSORS = (DiffrtProcessor, DiffrtFluxProcessor, DiffrtJointProcessor)
+
+
 def _original(processor: Any) -> Any:
-    return processor.original if isinstance(processor, (DiffrtProcessor, DiffrtFluxProcessor)) else processor
+    return processor.original if isinstance(processor, DIFFUSERS_PROCESSORS) else processor
 
 
 def install(model: torch.nn.Module) -> list[Layer]:
@@ -307,7 +354,8 @@ def install(model: torch.nn.Module) -> list[Layer]:
             layers.append(layer)
         return layers
     try:
-        from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0  # noqa: PLC0415
+        from diffusers.models.attention_processor import (  # noqa: PLC0415
+            Attention, AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0)
     except ImportError:
         return layers
     try:
@@ -316,7 +364,11 @@ def install(model: torch.nn.Module) -> list[Layer]:
         FluxAttention = FluxAttnProcessor = ()  # noqa: N806 - an older diffusers without Flux
     patch = getattr(getattr(model, "config", {}), "get", lambda *_: None)("patch_size") or 1
     for name, module in model.named_modules():
-        if isinstance(module, Attention):
+        if isinstance(module, Attention) and type(_original(module.processor)) is JointAttnProcessor2_0:
+            original, supported, kind = _original(module.processor), (JointAttnProcessor2_0,), "joint"
+            processor_cls = DiffrtJointProcessor
+            head_dim = module.to_q.out_features // module.heads
+        elif isinstance(module, Attention):
             original, supported, kind = _original(module.processor), (AttnProcessor, AttnProcessor2_0), (
                 "cross" if module.is_cross_attention else "self")
             processor_cls = DiffrtProcessor

@@ -35,11 +35,12 @@ def _tiny_unet(channels: int, size: int, seed: int):
 def _diffusers_scheduler(solver: str, schedule_config: dict, options: dict):
     import diffusers
 
-    from .solvers import PRESETS, STEP_OPTIONS
+    from .solvers import PRESETS, STEP_OPTIONS, class_config
 
     class_name, preset = PRESETS[solver]
     step_keys = STEP_OPTIONS.get(class_name, ())
-    config = {**schedule_config, **preset, **{k: v for k, v in options.items() if k not in step_keys}}
+    config = class_config(class_name, {**schedule_config, **preset, **{k: v for k, v in options.items() if k not in step_keys}})
+    config.pop("_class_name", None)
     return getattr(diffusers, class_name)(**config), {k: v for k, v in options.items() if k in step_keys}
 
 

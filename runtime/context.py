@@ -35,12 +35,15 @@ class CallContext:
       (ONNX export).
     * ``step_cache``: the :class:`~diffrt.runtime.step_cache.StepCache` of the trajectory in progress.
     * ``early_exit``: the :class:`~diffrt.runtime.early_exit.ExitState` a model with exit heads obeys.
+    * ``pipeline``: the :class:`~diffrt.runtime.pipeline.PipelineAcceleration` of the accelerated pipeline
+      call in progress (its denoiser runs diffrt's variant only inside that call).
     """
 
     attention: Any = None
     int8: Any = None
     step_cache: Any = None
     early_exit: Any = None
+    pipeline: Any = None
 
 
 SWITCHES = tuple(f.name for f in dataclasses.fields(CallContext))

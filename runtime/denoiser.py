@@ -1,58 +1,32 @@
 """Denoiser: a model, what it predicts, its noise schedule, and how to call it.
 
 ``Denoiser(model, schedule, ...)`` wraps any callable; ``Denoiser.from_diffusers(model,
-scheduler_config)`` wraps a diffusers ``UNet2DModel``, ``UNet2DConditionModel``,
-``DiTTransformer2DModel`` or ``Transformer2DModel`` and picks its call convention.
+scheduler_config)`` wraps a diffusers ``UNet2DModel``, ``UNet2DConditionModel`` (SD, SDXL, LCM),
+``DiTTransformer2DModel``, ``Transformer2DModel``, ``PixArtTransformer2DModel``,
+``SD3Transformer2DModel`` or ``FluxTransformer2DModel`` and picks its call convention
+(:mod:`diffrt.runtime.diffusers_models`).
 
 Call convention: ``den(x, t, cond=None) -> prediction`` with x [B, C, H, W] (or any
 [B, ...] sample), t a float tensor [B] of model timesteps, cond per-sample conditioning
-(class labels [B] or embeddings [B, L, D]) or None. The prediction has x's shape.
+(class labels [B], embeddings [B, L, D], or a dict of named conditions: :mod:`diffrt.runtime.conditions`)
+or None; floating conditions are cast to the model's dtype. The prediction has x's shape.
 """
 from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
+from . import conditions
+from .diffusers_models import DIFFUSERS_CALLS, CallFn, call_module, sample_shape
 from .schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
-CallFn = Callable[[Any, torch.Tensor, torch.Tensor, Any], torch.Tensor]
-
-
-def _call_unet2d(model, x, t, cond):
-    return model(x, t, class_labels=cond).sample
-
-
-def _call_unet2d_condition(model, x, t, cond):
-    if cond is None:
-        raise ValueError("UNet2DConditionModel needs cond (encoder_hidden_states [B, L, D])")
-    return model(x, t, encoder_hidden_states=cond).sample
-
-
-def _call_transformer2d(model, x, t, cond):
-    if torch.is_tensor(cond) and cond.dim() == 3:
-        out = model(x, timestep=t, encoder_hidden_states=cond).sample
-    else:
-        out = model(x, timestep=t, class_labels=cond).sample
-    channels = x.shape[1]
-    return out[:, :channels] if out.shape[1] == 2 * channels else out  # learned sigma: keep the mean
-
-
-def _call_module(model, x, t, cond):
-    return model(x, t) if cond is None else model(x, t, cond)
-
-
-DIFFUSERS_CALLS: dict[str, CallFn] = {
-    "UNet2DModel": _call_unet2d,
-    "UNet2DConditionModel": _call_unet2d_condition,
-    "DiTTransformer2DModel": _call_transformer2d,
-    "Transformer2DModel": _call_transformer2d,
-    "PixArtTransformer2DModel": _call_transformer2d,
-}
+# diffusers classes sampled at their config's size only (the others take any H x W, as their pipelines do)
+FIXED_RESOLUTION = ("UNet2DModel",)
 
 
 class Denoiser:
@@ -63,7 +37,8 @@ class Denoiser:
             ``model(x, t, cond)`` and returns a tensor shaped like x.
         schedule: the :class:`NoiseSchedule` the model was trained with (its
             ``prediction_type`` says what the model predicts).
-        sample_shape: (C, H, W) of one sample, when known.
+        sample_shape: (C, H, W) of one sample, when known (for a model that samples any resolution, its
+            default one: only the channels are checked then).
         call: ``call(model, x, t, cond) -> tensor`` for other conventions.
         dtype: the dtype the model computes in (inputs are cast to it); default: its parameters'.
     """
@@ -77,7 +52,8 @@ class Denoiser:
         self.model = model
         self.schedule = schedule
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
-        self._call = call or _call_module
+        self.any_resolution = False  # True: sample_shape is a default size, other H x W work too
+        self._call = call or call_module
         first = _first_param(model)
         self.dtype = dtype or (first.dtype if first is not None else None)
         self.device = first.device if first is not None else None
@@ -101,19 +77,15 @@ class Denoiser:
             raise TypeError(f"{name} is not a supported diffusers model ({', '.join(DIFFUSERS_CALLS)}); "
                             "wrap it with Denoiser(model, schedule, call=...) instead")
         schedule = NoiseSchedule.from_config(scheduler_config, prediction_type)
-        cfg = getattr(model, "config", {})
-        shape = None
-        size = cfg.get("sample_size")
-        if size is not None:
-            size = (size, size) if isinstance(size, int) else tuple(size)
-            shape = (cfg.get("in_channels"), *size)
-        return cls(model, schedule, sample_shape=shape, call=call)
+        den = cls(model, schedule, sample_shape=sample_shape(model), call=call)
+        den.any_resolution = name not in FIXED_RESOLUTION
+        return den
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
         """Run the model: x [B, ...] at timesteps t [B] -> prediction shaped like x."""
         if self.dtype is not None and x.dtype != self.dtype:
             x = x.to(self.dtype)
-        out = self._call(self.model, x, t, cond)
+        out = self._call(self.model, x, t, conditions.cast(cond, self.dtype))
         if out.shape != x.shape:
             raise RuntimeError(f"the model returned shape {tuple(out.shape)} for input {tuple(x.shape)}; "
                                "a denoiser's prediction must have the sample's shape")

@@ -83,7 +83,13 @@ class OptimizedDenoiser(Denoiser):
         self.int8_layers = [names[module] for module in self.int8_weights]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
-        switches: dict[str, Any] = {}  # only what this variant turns on (an enclosing call's others stay)
+        with context.switches(**self.call_switches(x, t)):
+            return super().__call__(x, t, cond)
+
+    def call_switches(self, x: torch.Tensor, t: Any) -> dict[str, Any]:
+        """The call-context switches of a model call on sample x [B, ...] at timesteps t: only what this
+        variant turns on (an enclosing call's others stay)."""
+        switches: dict[str, Any] = {}
         if self.step_cache is not None:
             switches["step_cache"] = self.step_cache
         if self.settings is not None:
@@ -92,8 +98,7 @@ class OptimizedDenoiser(Denoiser):
             t_rows = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
             groups = self.calibration.groups_of(t_rows) if self.int8_mode == "static" else None
             switches["int8"] = (groups, self.int8_mode, self.int8_weights)
-        with context.switches(**switches):
-            return super().__call__(x, t, cond)
+        return switches
 
     def reset_cache(self) -> None:
         """Forget the step cache's trajectory (the Sampler calls this at the start of each sample)."""

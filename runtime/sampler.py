@@ -17,6 +17,7 @@ import torch
 
 from diffrt.kernels import solver_step
 
+from . import conditions
 from .denoiser import Denoiser
 from .early_exit import ExitState, exiting, has_exit_heads
 from .solvers import plan_for, plan_from_scheduler
@@ -177,7 +178,7 @@ class Sampler:
         state = self.start(noise, generator)
         if guided and (self.adaptive_guidance is not None or self.linear_ag is not None):
             return self._sample_adaptive(state, cond, uncond, callback)
-        model_cond = _cat_cond(uncond, cond) if guided else cond
+        model_cond = conditions.cat(uncond, cond) if guided else cond
         for i in range(self.plan.steps):
             x_in, t = self.model_inputs(state)
             if guided:
@@ -199,9 +200,9 @@ class Sampler:
         device, and one host read per step gives the compacted size. LinearAG: at its steps the
         still-guided samples' unconditional predictions are estimated from the previous step's."""
         batch = state.x.shape[0]
-        if not (torch.is_tensor(cond) and torch.is_tensor(uncond)):
-            raise TypeError("adaptive guidance needs cond and uncond as tensors")
-        uncond = uncond.expand(batch, *uncond.shape[1:]) if uncond.shape[0] == 1 else uncond
+        if not (conditions.is_condition(cond) and conditions.is_condition(uncond)):
+            raise TypeError("adaptive guidance needs cond and uncond as tensors or dicts of tensors")
+        cond, uncond = conditions.expand(cond, batch), conditions.expand(uncond, batch)
         guided = torch.ones(batch, dtype=torch.bool, device=state.x.device)
         evaluations, per_step, estimated_steps = 0, [], 0
         previous: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -213,7 +214,7 @@ class Sampler:
             if active and not estimate:
                 out = self.denoiser(torch.cat([x_in.index_select(0, rows), x_in]),
                                     torch.cat([t.index_select(0, rows), t]),
-                                    torch.cat([uncond.index_select(0, rows), cond]))
+                                    conditions.concat(conditions.select(uncond, rows), cond))
                 out_guided_uncond, out_cond = out[:active], out[active:]
                 out_uncond = out_cond.index_copy(0, rows, out_guided_uncond)
                 if self.adaptive_guidance is not None:
@@ -282,8 +283,12 @@ class Sampler:
         if noise.dim() < 2:
             raise ValueError(f"noise must be [B, *sample_shape], got shape {tuple(noise.shape)}")
         shape = getattr(self.denoiser, "sample_shape", None)
-        if shape is not None and None not in shape and tuple(noise.shape[1:]) != tuple(shape):
-            raise ValueError(f"noise has sample shape {tuple(noise.shape[1:])}; the denoiser samples {tuple(shape)}")
+        if shape is not None and None not in shape:
+            any_resolution = getattr(self.denoiser, "any_resolution", False)
+            found = tuple(noise.shape[1:2]) if any_resolution else tuple(noise.shape[1:])
+            if len(noise.shape[1:]) != len(shape) or found != tuple(shape[:len(found)]):
+                raise ValueError(f"noise has sample shape {tuple(noise.shape[1:])}; the denoiser samples {tuple(shape)}"
+                                 + (" (any H x W, these channels)" if any_resolution else ""))
         model_device = getattr(self.denoiser, "device", None)
         if model_device is not None and model_device.type != noise.device.type:
             raise ValueError(f"noise is on {noise.device}, the model on {model_device}: move one of them")
@@ -336,16 +341,6 @@ def _randn(shape, generator, device, dtype) -> torch.Tensor:
         return torch.cat([_randn((1, *shape[1:]), g, device, dtype) for g in generator])
     draw_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
-
-
-def _cat_cond(uncond: Any, cond: Any) -> Any:
-    if torch.is_tensor(cond) and torch.is_tensor(uncond):
-        if uncond.shape[1:] != cond.shape[1:]:
-            raise ValueError(f"uncond shape {tuple(uncond.shape)} does not match cond shape {tuple(cond.shape)}")
-        if uncond.shape[0] != cond.shape[0]:
-            uncond = uncond.expand(cond.shape[0], *uncond.shape[1:])
-        return torch.cat([uncond, cond])
-    raise TypeError("classifier-free guidance needs cond and uncond as tensors")
 
 
 def _sync(device: torch.device) -> None:

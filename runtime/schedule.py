@@ -46,7 +46,8 @@ class NoiseSchedule:
     """The training noise schedule of a denoiser.
 
     kind: ``"vp"`` (discrete betas / alphas_cumprod, DDPM-style) or ``"flow"`` (rectified
-    flow, x_t = (1 - sigma) x0 + sigma * noise, sigma = t / num_train_timesteps).
+    flow, x_t = (1 - sigma) x0 + sigma * noise, sigma = t / num_train_timesteps). A flow ``shift`` is
+    the fixed one; with ``use_dynamic_shifting`` it is 1 (the solver shifts its grid by the ``mu`` it is given).
     ``config`` keeps the full scheduler config it came from (solvers read their options there).
     """
 
@@ -74,9 +75,7 @@ class NoiseSchedule:
         if is_flow:
             ptype = prediction_type or "flow"
             _check_prediction_type(ptype)
-            if cfg.get("use_dynamic_shifting", False):
-                raise NotImplementedError("use_dynamic_shifting (resolution-dependent flow shift) is not supported; set a fixed shift")
-            return cls("flow", n, ptype, shift=float(cfg.get("shift", cfg.get("flow_shift", 1.0)) or 1.0), config=cfg)
+            return cls("flow", n, ptype, shift=_flow_shift(cfg), config=cfg)
         ptype = prediction_type or cfg.get("prediction_type", "epsilon")
         _check_prediction_type(ptype)
         betas = _betas_from_config(cfg, n)
@@ -105,6 +104,14 @@ class NoiseSchedule:
         """A copy whose config has ``overrides`` applied (the schedule itself is shared)."""
         return NoiseSchedule(self.kind, self.num_train_timesteps, self.prediction_type, self.betas,
                              self.alphas_cumprod, self.shift, {**self.config, **overrides})
+
+
+def _flow_shift(cfg: dict) -> float:
+    """The fixed shift of a flow config; 1 with use_dynamic_shifting (diffusers leaves its training sigmas
+    unshifted then and shifts the inference grid from the pipeline's mu at set_timesteps)."""
+    if cfg.get("use_dynamic_shifting", False):
+        return 1.0
+    return float(cfg.get("shift", cfg.get("flow_shift", 1.0)) or 1.0)
 
 
 def _check_prediction_type(ptype: str) -> None:

@@ -90,10 +90,8 @@ def test_flow_preset_and_timesteps():
 
 
 @pytest.mark.parametrize("config,step_kwargs,option", [
-    (dict(use_dynamic_shifting=True), {}, "use_dynamic_shifting"),
     (dict(use_beta_sigmas=True), {}, "use_beta_sigmas"),
     (dict(), dict(per_token_timesteps=None), "per_token_timesteps"),
-    (dict(), dict(sigmas=[1.0, 0.5]), "sigmas"),
 ])
 def test_flow_refused(config, step_kwargs, option):
     with pytest.raises(NotImplementedError, match=option):
@@ -103,9 +101,9 @@ def test_flow_refused(config, step_kwargs, option):
             check_parity(FlowMatchEulerDiscreteScheduler, dict(shift=3.0, **config), 4)
 
 
-def test_flow_preset_refuses_dynamic_shifting():
+def test_flow_preset_dynamic_shifting_needs_mu():  # sigmas, mu, dynamic shifting: tests/test_parity_flow.py
     schedule = NoiseSchedule.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0))
-    with pytest.raises(NotImplementedError, match="use_dynamic_shifting"):
+    with pytest.raises(ValueError, match="mu"):
         plan_for("flow-euler", schedule, 4, use_dynamic_shifting=True)
 
 

@@ -59,7 +59,8 @@ def _check_steps(steps: int) -> int:
     return steps
 
 
-from . import ddim, deis, dpm, euler, flow, lcm, unipc  # noqa: E402,F401  (registers the builders)
+from . import (  # noqa: E402,F401  (registers the builders)
+    ddim, deis, dpm, edm, euler, flow, flow_heun, kdpm2, lcm, lms, pndm, singlestep, tcd, unipc)
 
 __all__ = ["Builder", "Combo", "OPTIONS", "PRESETS", "SCHEDULERS", "SCHEDULE_KEYS", "STEP_OPTIONS", "SolverPlan", "StepRow",
-           "plan_for", "plan_from_scheduler", "register"]
+           "class_config", "plan_for", "plan_from_scheduler", "register"]

@@ -90,5 +90,6 @@ def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict)
             abar_prev = abar[int(timesteps[i + 1])]
             out = denoised.scaled(float(abar_prev.sqrt()))
             out.noise = float((1 - abar_prev).sqrt())
-        rows.append(StepRow(timestep=float(t), c_in=1.0, x0_x=x0_x, x0_model=x0_m, out=out, noise=not last, clip=clip))
+        rows.append(StepRow(timestep=float(t), c_in=1.0, x0_x=x0_x, x0_model=x0_m, out=out, noise=not last, clip=clip,
+                            denoised=denoised))
     return SolverPlan("lcm", rows, n_slots=0, init_noise_sigma=1.0)

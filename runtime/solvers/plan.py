@@ -45,6 +45,8 @@ class StepRow:
     The model is called on ``c_in * x`` at ``timestep``; x0 = clamp(x0_x*x + x0_model*m, -clip, clip)
     (no clamp when ``clip`` is None); the next sample is ``out``; each (slot, combo) in ``writes``
     stores a new history entry. ``noise`` marks a row that consumes one fresh Gaussian draw.
+    ``denoised`` (optional, not part of the fused step): what the scheduler's ``step()`` returns beside
+    the next sample when that is not x0 (LCM's ``denoised``), as a combo of x, x0 and m.
     """
 
     timestep: float
@@ -55,6 +57,7 @@ class StepRow:
     writes: list[tuple[int, Combo]] = field(default_factory=list)
     noise: bool = False
     clip: float | None = None
+    denoised: Combo | None = None
 
 
 @dataclass

@@ -1,0 +1,280 @@
+"""FusedScheduler: a diffusers scheduler's stand-in whose ``step`` is diffrt's fused solver step.
+
+During an accelerated pipeline call (:func:`diffrt.runtime.accelerate`) the pipeline's scheduler is
+replaced by a :class:`FusedScheduler` around it, so the pipeline's own denoising loop (its CFG, guidance
+rescale, callbacks, img2img start, packing) runs unchanged while each step is one fused kernel reading
+its row of the plan that reproduces that scheduler (:func:`~diffrt.runtime.solvers.plan_from_scheduler`):
+
+* ``set_timesteps(...)`` runs the real scheduler's (so everything delegated to it, ``timesteps``,
+  ``sigmas``, ``add_noise``, ``init_noise_sigma``, ``order``, ``config``, is as diffusers makes it), then
+  builds the plan from its class, config and set_timesteps arguments (custom ``sigmas``, ``mu``) and
+  checks that the plan's timesteps are the scheduler's.
+* ``scale_model_input(x, t)`` is ``c_in * x`` of the current row; ``step(m, t, x)`` runs the fused step on
+  the (already guided) model output m, drawing a row's noise from ``generator`` where diffusers draws it,
+  and returns ``prev_sample`` (plus the data prediction, or LCM's ``denoised``, where the class returns
+  two outputs). ``set_begin_index(k)`` (img2img) starts at row k.
+
+Nothing diverges silently: a scheduler, option or call the plans do not reproduce makes the whole call
+use the real scheduler, with the reason logged once (:attr:`FusedScheduler.fallback`).
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from diffrt.kernels import solver_step
+
+from .solvers import plan_from_scheduler
+from .solvers.plan import Combo, SolverPlan
+
+log = logging.getLogger(__name__)
+
+_LOGGED: set[str] = set()
+# what step(..., return_dict=False) returns beside prev_sample, per class: "x0", "denoised" or nothing
+SECOND_OUTPUT = {"DDIMScheduler": "x0", "EulerDiscreteScheduler": "x0", "EulerAncestralDiscreteScheduler": "x0",
+                 "HeunDiscreteScheduler": "x0", "LMSDiscreteScheduler": "x0", "KDPM2DiscreteScheduler": "x0",
+                 "KDPM2AncestralDiscreteScheduler": "x0", "EDMEulerScheduler": "x0", "LCMScheduler": "denoised",
+                 "TCDScheduler": "denoised"}
+STEP_ARGUMENTS = ("model_output", "timestep", "sample", "generator", "return_dict")
+
+
+class FusedScheduler:
+    """Stands in for ``scheduler`` (module docstring); ``backend`` is the solver-step backend."""
+
+    def __init__(self, scheduler: Any, backend: str = "auto"):
+        self.__dict__.update(_scheduler=scheduler, _backend=backend, fallback=None, _plan=None, _plans={},
+                             _set_arguments={}, _state=None, _begin=0, _step_options={}, _slice=None, _slices=None,
+                             _set_signature=inspect.signature(scheduler.set_timesteps),
+                             _step_signature=inspect.signature(scheduler.step))
+        # pipelines inspect these signatures (custom sigmas, eta, generator): they must be the real ones
+        self.__dict__["set_timesteps"] = _with_signature(self._set_timesteps, scheduler.set_timesteps)
+        self.__dict__["step"] = _with_signature(self._step, scheduler.step)
+        if hasattr(scheduler, "scale_model_input"):
+            self.__dict__["scale_model_input"] = _with_signature(self._scale_model_input, scheduler.scale_model_input)
+        if hasattr(scheduler, "set_begin_index"):  # pipelines test for it (PNDM has none)
+            self.__dict__["set_begin_index"] = _with_signature(self._set_begin_index, scheduler.set_begin_index)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_scheduler"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._scheduler, name, value)
+
+    # ------------------------------------------------------------------ the scheduler interface
+
+    def _set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        self._scheduler.set_timesteps(*args, **kwargs)
+        bound = self._set_signature.bind(*args, **kwargs)
+        arguments = {k: v for k, v in bound.arguments.items() if k not in ("device", "kwargs") and v is not None}
+        self.__dict__.update(_set_arguments=arguments, _plans={}, _plan=None, _state=None, _begin=0, _step_options={},
+                             _slice=None, _slices=None)
+        self._use_plan()
+
+    def _set_begin_index(self, begin_index: int = 0) -> None:
+        self._scheduler.set_begin_index(begin_index)
+        self.__dict__["_begin"] = int(begin_index)
+
+    def _scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
+        if self._plan is not None and self._state is None:
+            self._check_start(timestep)
+        if self._plan is None:
+            return self._scheduler.scale_model_input(sample, timestep)
+        row = self._plan.rows[self._row_index()]
+        return sample if row.c_in == 1.0 else sample * row.c_in
+
+    def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any):
+        bound = self._step_signature.bind(model_output, timestep, sample, *args, **kwargs)
+        options = {k: v for k, v in bound.arguments.items() if k not in STEP_ARGUMENTS}
+        if self._plan is not None and options != self._step_options:
+            self.__dict__["_step_options"] = options
+            self._use_plan()
+        if self._plan is not None and self._state is None:
+            self._check_start(timestep)
+        elif self._plan is not None and self._slices and self._state.row == 1:
+            self._check_second(timestep)
+        if self._plan is None:
+            return self._scheduler.step(model_output, timestep, sample, *args, **kwargs)
+        prev_sample, second = self._fused_step(model_output, sample, bound.arguments.get("generator"))
+        if not bound.arguments.get("return_dict", True):
+            return (prev_sample,) if second is None else (prev_sample, second)
+        return SimpleNamespace(prev_sample=prev_sample, pred_original_sample=second, denoised=second)
+
+    # ------------------------------------------------------------------ plans and the fused step
+
+    def _options(self, slice_start: int | None = None) -> dict[str, Any]:
+        """The plan's step options: step()'s (eta, ...) and, for PNDM started mid-list, ``begin``."""
+        start = self._slice if slice_start is None else slice_start
+        return {**self._step_options, **({"begin": start} if start else {})}
+
+    def _plan_for(self, options: dict[str, Any]) -> SolverPlan | None:
+        key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+        if key not in self._plans:
+            self._plans[key] = self._build(options)
+        return self._plans[key]
+
+    def _use_plan(self) -> None:
+        """Build (or reuse) the plan for the current options; on anything not reproduced, fall back."""
+        plan = self._plan_for(self._options())
+        if plan is not None and self._plan is not None and plan.steps != self._plan.steps:
+            plan = self._fall_back("the step options change the plan's length")
+        self.__dict__["_plan"] = plan
+
+    def _build(self, step_options: dict[str, Any]) -> SolverPlan | None:
+        scheduler, arguments = self._scheduler, dict(self._set_arguments)
+        steps = arguments.pop("num_inference_steps", None)
+        custom = arguments.get("sigmas", arguments.get("timesteps"))
+        if steps is None and custom is not None:
+            steps = len(custom)
+        try:
+            plan = plan_from_scheduler(scheduler, int(steps), **arguments, **step_options)
+        except (NotImplementedError, ValueError, TypeError) as error:
+            return self._fall_back(str(error))
+        ours = plan.timesteps().to(torch.float32)
+        theirs = torch.as_tensor(scheduler.timesteps).detach().to("cpu", torch.float32).reshape(-1)
+        theirs = theirs[int(step_options.get("begin", 0)):]
+        if ours.shape != theirs.shape or not torch.equal(ours, theirs):
+            return self._fall_back(f"the plan's timesteps {ours.tolist()} are not the scheduler's {theirs.tolist()}")
+        return plan
+
+    def _fall_back(self, reason: str) -> None:
+        name = type(self._scheduler).__name__
+        self.__dict__["fallback"] = reason
+        if (name, reason) not in _LOGGED:
+            _LOGGED.add((name, reason))
+            log.warning("accelerate: %s runs diffusers' own step (%s)", name, reason)
+        return None
+
+    def _check_start(self, timestep: Any) -> None:
+        """The trajectory's first call: where in the scheduler's timesteps does the loop start? (img2img slices
+        them; a scheduler without ``set_begin_index`` finds out from the timestep, and so does this.) A
+        stateless plan starts at that row; PNDM's plan is rebuilt from there (``begin``: diffusers' PNDM
+        restarts its multistep state); anything else runs diffusers' step."""
+        plan = self._plan
+        expected = plan.rows[self._begin].timestep if self._begin < plan.steps else None
+        given = float(torch.as_tensor(timestep).reshape(-1)[0])  # once per trajectory
+        if expected is not None and _same(given, expected):
+            if self._begin and not _starts_fresh(plan, self._begin):
+                self.__dict__["_plan"] = self._fall_back(
+                    f"a loop that starts at step {self._begin} (img2img) of a multistep plan: diffusers restarts the "
+                    "solver's history there, the plan's rows carry it")
+            return
+        starts = [i for i, row in enumerate(plan.rows) if _same(row.timestep, given)]
+        if starts and _starts_fresh(plan, starts[0]):
+            self.__dict__["_begin"] = starts[0]
+        elif starts and type(self._scheduler).__name__ == "PNDMScheduler":
+            self.__dict__.update(_slices=starts, _slice=starts[0], _begin=0)
+            self.__dict__["_plan"] = self._plan_for(self._options())
+        else:
+            self.__dict__["_plan"] = self._fall_back(f"the loop starts at timestep {given:g}, the plan at {expected} "
+                                                     "(a partial trajectory this scheduler's plan cannot start)")
+
+    def _check_second(self, timestep: Any) -> None:
+        """PNDM started mid-list at a repeated timestep: the second call says which copy it was (both plans' first
+        rows are the same, so the state carries over)."""
+        given = float(torch.as_tensor(timestep).reshape(-1)[0])
+        for start in self._slices:
+            plan = self._plan_for(self._options(start))
+            if plan is not None and plan.steps > 1 and _same(plan.rows[1].timestep, given):
+                self.__dict__.update(_plan=plan, _slice=start)
+                break
+        self.__dict__["_slices"] = None
+
+    def _row_index(self) -> int:
+        state = self._state
+        return self._begin if state is None else state.row
+
+    def _fused_step(self, model_output: torch.Tensor, sample: torch.Tensor, generator: Any):
+        plan, state = self._plan, self._state
+        if state is None or state.x_shape != sample.shape or state.device != sample.device:
+            state = self._new_state(plan, sample)
+        elif state.plan is not plan:  # other step options (eta), or PNDM's other start: the rows done are the same
+            table, itable = plan.tables(None)
+            state.plan, state.table, state.itable = plan, table.to(sample.device), itable.to(sample.device)
+            state.noise_index = _noise_index(plan)
+        row = plan.rows[state.row]
+        if row.noise:
+            draw = _randn(sample.shape, generator, sample.device, plan.noise_dtype or model_output.dtype)
+            state.noise[state.noise_index[state.row]] = draw.to(sample.dtype)
+        out = torch.empty_like(sample)
+        solver_step(sample, model_output, None, state.history, state.noise, state.table, state.itable, state.step,
+                    out=out, backend=self._backend)
+        second = self._second_output(row, sample, model_output)
+        state.step += 1
+        state.row += 1
+        return out, second
+
+    def _new_state(self, plan: SolverPlan, sample: torch.Tensor) -> SimpleNamespace:
+        table, itable = plan.tables(None)
+        device = sample.device
+        noise_index = _noise_index(plan)
+        count = plan.n_noise
+        state = SimpleNamespace(
+            plan=plan, row=self._begin, x_shape=sample.shape, device=device, table=table.to(device), itable=itable.to(device),
+            step=torch.full((), self._begin, dtype=torch.int64, device=device), noise_index=noise_index,
+            history=torch.zeros((plan.n_slots, *sample.shape), dtype=sample.dtype, device=device) if plan.n_slots else None,
+            noise=torch.zeros((count, *sample.shape), dtype=sample.dtype, device=device) if count else None)
+        self.__dict__["_state"] = state
+        return state
+
+    def _second_output(self, row, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor | None:
+        kind = SECOND_OUTPUT.get(type(self._scheduler).__name__)
+        if kind is None:
+            return None
+        x0 = row.x0_x * sample.float() + row.x0_model * model_output.float()
+        if row.clip is not None:
+            x0 = x0.clamp(-row.clip, row.clip)
+        if kind == "denoised" and row.denoised is not None:
+            return _evaluate(row.denoised, sample, x0, model_output).to(sample.dtype)
+        return x0.to(sample.dtype)
+
+
+def _starts_fresh(plan: SolverPlan, begin: int) -> bool:
+    """Whether the rows from ``begin`` on read no history slot before one of them writes it (they do not depend
+    on the rows before: the trajectory may start there)."""
+    written: set[int] = set()
+    for row in plan.rows[begin:]:
+        read = {slot for combo in [row.out] + [c for _, c in row.writes] for slot in combo.hist}
+        if read - written:
+            return False
+        written.update(slot for slot, _ in row.writes)
+    return True
+
+
+def _noise_index(plan: SolverPlan) -> list[int]:
+    """Each row's index into the trajectory's noise draws."""
+    index, count = [], 0
+    for row in plan.rows:
+        index.append(count)
+        count += int(row.noise)
+    return index
+
+
+def _same(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-3 * max(1.0, abs(b))
+
+
+def _evaluate(combo: Combo, x: torch.Tensor, x0: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+    """combo.x * x + combo.x0 * x0 + combo.model * m (no noise or history terms: they are not needed here)."""
+    return combo.x * x.float() + combo.x0 * x0 + combo.model * model_output.float()
+
+
+def _with_signature(function, like):
+    """``function`` presenting ``like``'s signature to ``inspect.signature`` (pipelines read it)."""
+    def proxy(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+    proxy.__signature__ = inspect.signature(like)
+    proxy.__name__ = getattr(like, "__name__", function.__name__)
+    proxy.__doc__ = getattr(like, "__doc__", None)
+    return proxy
+
+
+def _randn(shape, generator, device, dtype) -> torch.Tensor:
+    """torch.randn as diffusers' randn_tensor draws it (a CPU generator draws on the CPU, then moves)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([_randn((1, *shape[1:]), g, device, dtype) for g in generator])
+    draw_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)

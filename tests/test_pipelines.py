@@ -1,0 +1,211 @@
+"""accelerate(pipe) on real diffusers pipeline classes (tiny random configs): the output equals the original
+pipeline's on the same inputs and generator (fp32, relative error <= 1e-5), diffrt's fused step and attention
+really ran, a scheduler swapped in later is honoured, and restore() gives the original back bit for bit."""
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")  # without it diffusers' pipeline classes are placeholders
+
+import diffusers  # noqa: E402
+
+from diffrt.runtime import accelerate, attention, restore  # noqa: E402
+from diffrt.runtime.pipeline import acceleration_of  # noqa: E402
+from diffrt.bench.pipelines import FAMILIES, SD_SCHEDULE, build_flux, build_sd3, build_sd15, build_sdxl, relative_error  # noqa: E402
+
+TOL = 1e-5
+
+
+@pytest.fixture
+def fused_attention_calls(monkeypatch):
+    """Counts the attention calls diffrt's processors made (the fused path, not the original processor)."""
+    calls = []
+    original = attention._fused
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "_fused", counting)
+    return calls
+
+
+def _run(pipe, kwargs, seed=0):
+    return pipe(**kwargs, generator=torch.Generator().manual_seed(seed)).images
+
+
+def check_accelerated(pipe, kwargs, calls=None, tol=TOL, **options):
+    """Original vs accelerated vs restored on the same inputs; returns the relative error."""
+    reference = _run(pipe, kwargs)
+    accelerate(pipe, **options)
+    fast = _run(pipe, kwargs)
+    state = acceleration_of(pipe)
+    assert state.fallback is None, f"diffusers' own step ran: {state.fallback}"
+    if calls is not None:
+        assert calls, "diffrt's attention never ran"
+    error = relative_error(fast, reference)
+    assert error <= tol, f"relative error {error:.3g} > {tol}"
+    restore(pipe)
+    assert acceleration_of(pipe) is None and type(pipe) is state.original_class
+    assert torch.equal(torch.as_tensor(_run(pipe, kwargs)), torch.as_tensor(reference))  # bit for bit
+    return error
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_family_default_scheduler(family, fused_attention_calls):
+    pipe, kwargs = FAMILIES[family]()
+    check_accelerated(pipe, kwargs, fused_attention_calls)
+
+
+# the schedulers users swap in with X.from_config(pipe.scheduler.config), with the options they set
+SD_SWAPS = [
+    ("DPMSolverMultistepScheduler", {}), ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    ("EulerDiscreteScheduler", {}), ("EulerAncestralDiscreteScheduler", {}), ("HeunDiscreteScheduler", {}),
+    ("UniPCMultistepScheduler", {}), ("DEISMultistepScheduler", {}), ("DDIMScheduler", {}), ("LCMScheduler", {}),
+    ("PNDMScheduler", {}), ("LMSDiscreteScheduler", {}), ("KDPM2DiscreteScheduler", {}),
+    ("KDPM2AncestralDiscreteScheduler", {}), ("DPMSolverSinglestepScheduler", {}), ("TCDScheduler", {}),
+]
+
+
+@pytest.mark.parametrize("name,options", SD_SWAPS, ids=lambda v: v if isinstance(v, str) else "-".join(v) or "default")
+def test_sd15_scheduler_swapped_after_accelerate_is_honoured(name, options):
+    pipe, kwargs = build_sd15()
+    kwargs["guidance_scale"] = 3.0
+    swapped = getattr(diffusers, name).from_config(pipe.scheduler.config, **options)
+    pipe.scheduler = swapped
+    reference = _run(pipe, kwargs)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **options)
+    accelerate(pipe)
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **options)  # after accelerate
+    fast = _run(pipe, kwargs)
+    assert acceleration_of(pipe).fallback is None, acceleration_of(pipe).fallback
+    assert relative_error(fast, reference) <= TOL
+
+
+@pytest.mark.parametrize("name,options", [("EulerAncestralDiscreteScheduler", {}), ("DPMSolverMultistepScheduler",
+                                          {"use_karras_sigmas": True}), ("UniPCMultistepScheduler", {}),
+                                          ("EDMEulerScheduler", {}), ("EDMDPMSolverMultistepScheduler", {})])
+def test_sdxl_scheduler_swaps(name, options):
+    pipe, kwargs = build_sdxl()
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **options)
+    check_accelerated(pipe, kwargs)
+
+
+@pytest.mark.parametrize("build", [build_sd3, build_flux, lambda: build_flux(dev=True)], ids=["sd3", "flux", "flux-dev"])
+@pytest.mark.parametrize("name", ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler"])
+def test_flow_scheduler_swaps(build, name):
+    pipe, kwargs = build()
+    if name == "FlowMatchHeunDiscreteScheduler" and "Flux" in type(pipe).__name__:
+        pytest.skip("FluxPipeline passes custom sigmas, which FlowMatchHeunDiscreteScheduler does not take (in diffusers)")
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    check_accelerated(pipe, kwargs)
+
+
+def test_decoded_images_match_too():
+    pipe, kwargs = build_sd15()
+    kwargs.update(output_type="pt", guidance_scale=3.0)
+    pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    check_accelerated(pipe, kwargs)
+
+
+def test_callbacks_still_see_every_step():
+    pipe, kwargs = build_sdxl()
+    seen = []
+    accelerate(pipe)
+    _run(pipe, {**kwargs, "callback_on_step_end": lambda p, i, t, k: seen.append((i, k["latents"].shape)) or {}})
+    assert [i for i, _ in seen] == list(range(kwargs["num_inference_steps"]))
+
+
+def test_a_scheduler_no_plan_reproduces_runs_diffusers_step_and_says_so(caplog):
+    pipe, kwargs = build_sd15()
+    pipe.scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config)
+    reference = _run(pipe, kwargs)
+    accelerate(pipe)
+    with caplog.at_level("WARNING"):
+        fast = _run(pipe, kwargs)
+    assert "DDPMScheduler" in acceleration_of(pipe).fallback
+    assert "runs diffusers' own step" in caplog.text or "DDPMScheduler" in acceleration_of(pipe).fallback
+    assert relative_error(fast, reference) <= TOL
+
+
+def test_accelerate_twice_then_restore_once_gives_the_original():
+    pipe, kwargs = build_sd15()
+    cls = type(pipe)
+    accelerate(pipe)
+    accelerate(pipe, attention=None)
+    restore(pipe)
+    assert type(pipe) is cls and "forward" not in pipe.unet.__dict__
+    assert all(type(p).__module__.startswith("diffusers") for p in pipe.unet.attn_processors.values())
+
+
+def test_the_model_called_directly_or_by_another_pipeline_is_not_accelerated(fused_attention_calls):
+    pipe, kwargs = build_sd15()
+    twin = type(pipe)(**pipe.components)  # shares the UNet
+    reference = _run(twin, kwargs)
+    accelerate(pipe)
+    pipe.unet(torch.randn(1, 4, 4, 4), 10, encoder_hidden_states=kwargs["prompt_embeds"])
+    assert torch.equal(_run(twin, kwargs), reference)
+    assert not fused_attention_calls
+    _run(pipe, kwargs)
+    assert fused_attention_calls
+
+
+def test_dtype_option_runs_a_converted_copy_and_restore_keeps_the_weights():
+    pipe, kwargs = build_sd15()
+    weight = pipe.unet.conv_in.weight.detach().clone()
+    reference = _run(pipe, kwargs)
+    accelerate(pipe, dtype=torch.bfloat16)
+    fast = _run(pipe, kwargs)
+    assert fast.dtype == reference.dtype and torch.isfinite(fast).all()
+    assert 0 < relative_error(fast, reference) < 0.2  # bf16 changes the samples, a little
+    restore(pipe)
+    assert pipe.unet.conv_in.weight.dtype == torch.float32 and torch.equal(pipe.unet.conv_in.weight, weight)
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(TypeError, match="diffusers pipeline"):
+        accelerate(torch.nn.Linear(2, 2))
+    pipe, _ = build_sd15()
+    with pytest.raises(ValueError, match="not accelerated"):
+        restore(pipe)
+    with pytest.raises(NotImplementedError, match="adaptive_guidance"):
+        accelerate(pipe, adaptive_guidance=True)
+    assert acceleration_of(pipe) is None
+
+
+def test_sd_config_keys_survive_a_round_of_swaps():
+    """A scheduler built from another's config keeps its keys; the pipeline still reproduces diffusers."""
+    pipe, kwargs = build_sd15()
+    for name in ("EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler"):
+        pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    assert pipe.scheduler.config.get("skip_prk_steps") is True and pipe.scheduler.config["steps_offset"] == SD_SCHEDULE["steps_offset"]
+    kwargs["guidance_scale"] = 3.0
+    check_accelerated(pipe, kwargs)
+
+
+@pytest.mark.parametrize("strength", [0.25, 0.5, 0.75, 1.0])
+@pytest.mark.parametrize("name", ["PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
+                                  "LCMScheduler"])
+def test_img2img_starts_where_the_strength_says(name, strength):
+    """img2img slices the timesteps: with set_begin_index (Euler, Heun, LCM) or without it (DDIM), the plan starts
+    at that row; PNDM's plan restarts its multistep state there, as diffusers' PNDM does."""
+    pipe, kwargs = FAMILIES["sd15-img2img"]()
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    kwargs.update(strength=strength, guidance_scale=3.0)
+    check_accelerated(pipe, kwargs)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_img2img_with_a_multistep_solver_runs_diffusers_step_exactly(name):
+    """diffusers restarts a multistep solver's history where img2img starts; the plans do not (yet): that call runs
+    diffusers' own step, says so, and the output is the pipeline's."""
+    pipe, kwargs = FAMILIES["sd15-img2img"]()
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    kwargs.update(strength=0.5, guidance_scale=3.0)
+    reference = _run(pipe, kwargs)
+    accelerate(pipe)
+    fast = _run(pipe, kwargs)
+    assert "multistep" in acceleration_of(pipe).fallback
+    assert relative_error(fast, reference) <= TOL
