@@ -75,7 +75,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.solver:
             raise ValueError("--pipeline runs the pipeline's own scheduler class; --solver does not apply")
         workload.steps = args.steps or workload.steps
-        result = pipeline_bench.run(workload, batch=args.batch, dtype=DTYPES[args.dtype] if args.dtype else None,
+        configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+        result = pipeline_bench.run(workload, batch=args.batch, configs=configs,
+                                    dtype=DTYPES[args.dtype] if args.dtype else None,
                                     tuned=args.config, warmup=args.warmup, repeats=args.repeats,
                                     max_seconds=args.max_seconds, compile_mode=args.compile_mode, seed=args.seed,
                                     progress=not args.quiet)

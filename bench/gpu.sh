@@ -13,7 +13,8 @@
 #   PYTHON             interpreter (default python3: the device's torch venv)
 #   GPU_SH_BUDGET      seconds for the whole script (default 560: the device allows 600 per call)
 #   GPU_SH_STAGES      comma-separated stages to run after the build (default: all): tests-gpu,
-#                      bench-sampler, bench-attention, bench-int8, bench-stream, bench-cli, demo, tests-cpu-tier (split a long run
+#                      bench-sampler, bench-attention, bench-int8, bench-stream, bench-cli, bench-pipeline, demo,
+#                      tests-cpu-tier (split a long run
 #                      over two device calls)
 #   DIFFRT_CUDA_ARCHS  CUDA architectures to build (default 90a: H100 / H200)
 #   DIFFRT_GIT_SHA     the git SHA to stamp results with (the device copy has no .git)
@@ -24,6 +25,8 @@
 #   BENCH_CLI_MODELS   models for `diffrt tune` + `diffrt bench` (default sd15-unet: the issue-9 goal's shape, 512^2, CFG 7.5)
 #   TUNE_FLOOR         diffrt tune's PSNR floor in dB (default 30)
 #   BENCH_CLI_ARGS     extra arguments for `diffrt bench` (e.g. "--configs diffusers-eager,exact,graphs --batch 2")
+#   BENCH_PIPELINE_MODELS  models for `diffrt bench --pipeline` (default "sd15-unet sdxl-unet flux-like"; the
+#                      pipeline classes need transformers: carry its wheel and its dependencies' with diffusers')
 #   PYTEST_WORKERS     xdist workers for the CPU tier (default 8; 0 runs it in one process)
 set -u -o pipefail
 
@@ -152,6 +155,17 @@ run_bench_cli() {
   return $rc
 }
 
+# diffrt bench --pipeline: each model inside its real diffusers pipeline class, diffusers eager / torch.compile /
+# accelerate(pipe), whole pipeline calls.
+run_bench_pipeline() {
+  local model rc=0
+  for model in ${BENCH_PIPELINE_MODELS:-sd15-unet sdxl-unet flux-like}; do
+    env TRITON_INTERPRET=0 $PY -m diffrt.runtime.cli bench --model "$model" --pipeline --device cuda --quiet \
+      --out "$DIR" || rc=1
+  done
+  return $rc
+}
+
 main() {
   echo "=== bench/gpu.sh -> $DIR (budget ${BUDGET}s)"
   environment
@@ -180,6 +194,7 @@ main() {
   stage bench-int8 200 - env TRITON_INTERPRET=0 $PY -m diffrt.bench.bench_int8 --out "$DIR" --device cuda ${INT8_ARGS:---e2e}
   stage bench-stream 200 - env TRITON_INTERPRET=0 $PY -m diffrt.bench.bench_stream --out "$DIR" --device cuda
   stage bench-cli 400 - bash -c run_bench_cli
+  stage bench-pipeline 300 - bash -c run_bench_pipeline
   stage demo 90 - env TRITON_INTERPRET=0 $PY -m diffrt.runtime.cli demo --out /tmp/diffrt-demo --device cuda
   stage tests-cpu-tier 240 "$DIR/tests.log" env OMP_NUM_THREADS=2 \
     bash -c 'cd tests && exec "$@"' _ $PY -m pytest -q -rfE -p no:cacheprovider "${timeout_flag[@]}" "${xdist[@]}" -m "not gpu" .
@@ -195,7 +210,7 @@ main() {
 }
 
 # timeout(1) runs programs, not shell functions: export them and call them through bash -c.
-export -f install_wheels build_in_place check_import run_bench_sampler run_bench_cli
+export -f install_wheels build_in_place check_import run_bench_sampler run_bench_cli run_bench_pipeline
 export PY ROOT DIR
 
 main 2>&1 | tee "$DIR/gpu.log"

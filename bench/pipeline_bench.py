@@ -122,10 +122,18 @@ def _cast_conditions(kwargs: dict[str, Any], dtype: torch.dtype) -> dict[str, An
     return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
 
 
-def run(workload: Workload, batch: int = 1, dtype: torch.dtype | None = None, tuned: str | Path | None = None,
-        warmup: int = 2, repeats: int = 10, max_seconds: float | None = 60.0, compile_mode: str | None = None,
-        seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    """The pipeline rows (module docstring) for ``workload``: {"rows", "workload", "settings"} as ``diffrt bench``."""
+ROWS = ("diffusers-eager", "diffusers-compile", "exact")
+
+
+def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, dtype: torch.dtype | None = None,
+        tuned: str | Path | None = None, warmup: int = 2, repeats: int = 10, max_seconds: float | None = 60.0,
+        compile_mode: str | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """The pipeline rows (module docstring; ``configs``: a subset of :data:`ROWS`, default all) for ``workload``:
+    {"rows", "workload", "settings"} as ``diffrt bench``."""
+    names = list(ROWS) if not configs or configs == ["all"] else list(dict.fromkeys(configs))
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        raise ValueError(f"--pipeline rows are {', '.join(ROWS)} (and 'tuned' with --config); got {', '.join(unknown)}")
     device = workload.den.device or torch.device("cpu")
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     compile_mode = compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
@@ -150,8 +158,9 @@ def run(workload: Workload, batch: int = 1, dtype: torch.dtype | None = None, tu
             return _caller(variant, typed_kwargs, seed)
         return build
 
-    jobs = [("diffusers-eager", "baseline", eager), ("diffusers-compile", "baseline", compiled),
-            ("exact", "diffrt", diffrt(None))]
+    builders = {"diffusers-eager": ("baseline", eager), "diffusers-compile": ("baseline", compiled),
+                "exact": ("diffrt", diffrt(None))}
+    jobs = [(name, *builders[name]) for name in names]
     if tuned is not None:
         jobs.append(("tuned", "diffrt", diffrt(tuned)))
     rows, timed = [], []

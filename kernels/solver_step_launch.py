@@ -167,3 +167,26 @@ def solver_step(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None
     if out is None:
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
     return chosen.run(x, cond, uncond, history, noise, table, itable, step, out)
+
+
+class PreparedStep:
+    """A solver step checked and dispatched once, for a caller that steps the same buffers many times: calling
+    it with tensors of the prepared shape, dtypes and device (contiguous) runs the chosen backend directly;
+    anything else goes through :func:`solver_step` (and its checks). ``history``, ``noise``, ``table``,
+    ``itable`` and ``step`` must be the tensors it was prepared with (the caller's own buffers)."""
+
+    def __init__(self, x, cond, uncond, history, noise, table, itable, step, out, backend: str = "auto"):
+        _check(x, cond, uncond, history, noise, table, itable, step, out)
+        features = _features(x, cond, uncond, history, noise, table, itable, step)
+        self._run = registry.choose_for(OP, features, backend).run
+        self._backend = backend
+        self._key = (x.shape, x.dtype, cond.dtype, x.device, uncond is None)
+        self._buffers = (history, noise, table.contiguous(), itable.contiguous(), step)
+
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        history, noise, table, itable, step = self._buffers
+        if ((x.shape, x.dtype, cond.dtype, x.device, uncond is None) != self._key or cond.shape != x.shape
+                or not (x.is_contiguous() and cond.is_contiguous() and out.is_contiguous())
+                or (uncond is not None and (uncond.shape != x.shape or not uncond.is_contiguous()))):
+            return solver_step(x, cond, uncond, history, noise, table, itable, step, out=out, backend=self._backend)
+        return self._run(x, cond, uncond, history, noise, table, itable, step, out)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from diffrt.kernels import solver_step
+from diffrt.kernels import PreparedStep
 
 from .solvers import plan_from_scheduler
 from .solvers.plan import Combo, SolverPlan
@@ -34,6 +35,8 @@ from .solvers.plan import Combo, SolverPlan
 log = logging.getLogger(__name__)
 
 _LOGGED: set[str] = set()
+PLAN_CACHE_SIZE = 64  # plans kept across calls (a pipeline called again plans nothing)
+_PLAN_CACHE: OrderedDict[tuple, SolverPlan] = OrderedDict()
 # what step(..., return_dict=False) returns beside prev_sample, per class: "x0", "denoised" or nothing
 SECOND_OUTPUT = {"DDIMScheduler": "x0", "EulerDiscreteScheduler": "x0", "EulerAncestralDiscreteScheduler": "x0",
                  "HeunDiscreteScheduler": "x0", "LMSDiscreteScheduler": "x0", "KDPM2DiscreteScheduler": "x0",
@@ -42,21 +45,39 @@ SECOND_OUTPUT = {"DDIMScheduler": "x0", "EulerDiscreteScheduler": "x0", "EulerAn
 STEP_ARGUMENTS = ("model_output", "timestep", "sample", "generator", "return_dict")
 
 
+class StepOutput:
+    """What ``step()`` returns, as diffusers' scheduler outputs do: ``.prev_sample`` (and ``.pred_original_sample``
+    or LCM's ``.denoised`` where the class has a second output), indexable like a tuple."""
+
+    def __init__(self, prev_sample: torch.Tensor, second: torch.Tensor | None = None):
+        self.prev_sample = prev_sample
+        self.pred_original_sample = self.denoised = second
+
+    def to_tuple(self) -> tuple:
+        return (self.prev_sample,) if self.denoised is None else (self.prev_sample, self.denoised)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.to_tuple()[index]
+
+
 class FusedScheduler:
     """Stands in for ``scheduler`` (module docstring); ``backend`` is the solver-step backend."""
 
     def __init__(self, scheduler: Any, backend: str = "auto"):
         self.__dict__.update(_scheduler=scheduler, _backend=backend, fallback=None, _plan=None, _plans={},
                              _set_arguments={}, _state=None, _begin=0, _step_options={}, _slice=None, _slices=None,
-                             _set_signature=inspect.signature(scheduler.set_timesteps),
-                             _step_signature=inspect.signature(scheduler.step))
+                             _started=False,
+                             _set_signature=_signature(scheduler, "set_timesteps"),
+                             _step_signature=_signature(scheduler, "step"))
         # pipelines inspect these signatures (custom sigmas, eta, generator): they must be the real ones
-        self.__dict__["set_timesteps"] = _with_signature(self._set_timesteps, scheduler.set_timesteps)
-        self.__dict__["step"] = _with_signature(self._step, scheduler.step)
+        self.__dict__["set_timesteps"] = _with_signature(self._set_timesteps, self._set_signature)
+        self.__dict__["step"] = _with_signature(self._step, self._step_signature)
         if hasattr(scheduler, "scale_model_input"):
-            self.__dict__["scale_model_input"] = _with_signature(self._scale_model_input, scheduler.scale_model_input)
+            self.__dict__["scale_model_input"] = _with_signature(self._scale_model_input,
+                                                                 _signature(scheduler, "scale_model_input"))
         if hasattr(scheduler, "set_begin_index"):  # pipelines test for it (PNDM has none)
-            self.__dict__["set_begin_index"] = _with_signature(self._set_begin_index, scheduler.set_begin_index)
+            self.__dict__["set_begin_index"] = _with_signature(self._set_begin_index,
+                                                               _signature(scheduler, "set_begin_index"))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_scheduler"], name)
@@ -71,7 +92,7 @@ class FusedScheduler:
         bound = self._set_signature.bind(*args, **kwargs)
         arguments = {k: v for k, v in bound.arguments.items() if k not in ("device", "kwargs") and v is not None}
         self.__dict__.update(_set_arguments=arguments, _plans={}, _plan=None, _state=None, _begin=0, _step_options={},
-                             _slice=None, _slices=None)
+                             _slice=None, _slices=None, _started=False)
         self._use_plan()
 
     def _set_begin_index(self, begin_index: int = 0) -> None:
@@ -79,7 +100,7 @@ class FusedScheduler:
         self.__dict__["_begin"] = int(begin_index)
 
     def _scale_model_input(self, sample: torch.Tensor, timestep: Any = None) -> torch.Tensor:
-        if self._plan is not None and self._state is None:
+        if self._plan is not None and not self._started:
             self._check_start(timestep)
         if self._plan is None:
             return self._scheduler.scale_model_input(sample, timestep)
@@ -87,21 +108,20 @@ class FusedScheduler:
         return sample if row.c_in == 1.0 else sample * row.c_in
 
     def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any):
-        bound = self._step_signature.bind(model_output, timestep, sample, *args, **kwargs)
-        options = {k: v for k, v in bound.arguments.items() if k not in STEP_ARGUMENTS}
+        arguments = kwargs if not args else self._step_signature.bind(model_output, timestep, sample, *args,
+                                                                       **kwargs).arguments
+        options = {k: v for k, v in arguments.items() if k not in STEP_ARGUMENTS}
         if self._plan is not None and options != self._step_options:
             self.__dict__["_step_options"] = options
             self._use_plan()
-        if self._plan is not None and self._state is None:
+        if self._plan is not None and not self._started:
             self._check_start(timestep)
-        elif self._plan is not None and self._slices and self._state.row == 1:
+        elif self._plan is not None and self._slices and self._state is not None and self._state.row == 1:
             self._check_second(timestep)
         if self._plan is None:
             return self._scheduler.step(model_output, timestep, sample, *args, **kwargs)
-        prev_sample, second = self._fused_step(model_output, sample, bound.arguments.get("generator"))
-        if not bound.arguments.get("return_dict", True):
-            return (prev_sample,) if second is None else (prev_sample, second)
-        return SimpleNamespace(prev_sample=prev_sample, pred_original_sample=second, denoised=second)
+        output = StepOutput(*self._fused_step(model_output, sample, arguments.get("generator")))
+        return output if arguments.get("return_dict", True) else output.to_tuple()
 
     # ------------------------------------------------------------------ plans and the fused step
 
@@ -124,6 +144,20 @@ class FusedScheduler:
         self.__dict__["_plan"] = plan
 
     def _build(self, step_options: dict[str, Any]) -> SolverPlan | None:
+        """The plan (checked against the scheduler's timesteps), from the process-wide cache when this scheduler
+        class, config, set_timesteps arguments and step options were planned before."""
+        key = _plan_key(self._scheduler, self._set_arguments, step_options)
+        if key is not None and key in _PLAN_CACHE:
+            _PLAN_CACHE.move_to_end(key)
+            return _PLAN_CACHE[key]
+        plan = self._plan_checked(step_options)
+        if key is not None and plan is not None:
+            _PLAN_CACHE[key] = plan
+            while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
+                _PLAN_CACHE.popitem(last=False)
+        return plan
+
+    def _plan_checked(self, step_options: dict[str, Any]) -> SolverPlan | None:
         scheduler, arguments = self._scheduler, dict(self._set_arguments)
         steps = arguments.pop("num_inference_steps", None)
         custom = arguments.get("sigmas", arguments.get("timesteps"))
@@ -153,6 +187,7 @@ class FusedScheduler:
         them; a scheduler without ``set_begin_index`` finds out from the timestep, and so does this.) A
         stateless plan starts at that row; PNDM's plan is rebuilt from there (``begin``: diffusers' PNDM
         restarts its multistep state); anything else runs diffusers' step."""
+        self.__dict__["_started"] = True
         plan = self._plan
         expected = plan.rows[self._begin].timestep if self._begin < plan.steps else None
         given = float(torch.as_tensor(timestep).reshape(-1)[0])  # once per trajectory
@@ -192,28 +227,31 @@ class FusedScheduler:
         if state is None or state.x_shape != sample.shape or state.device != sample.device:
             state = self._new_state(plan, sample)
         elif state.plan is not plan:  # other step options (eta), or PNDM's other start: the rows done are the same
-            table, itable = plan.tables(None)
-            state.plan, state.table, state.itable = plan, table.to(sample.device), itable.to(sample.device)
+            state.plan, (state.table, state.itable) = plan, _device_tables(plan, sample.device)
             state.noise_index = _noise_index(plan)
         row = plan.rows[state.row]
         if row.noise:
             draw = _randn(sample.shape, generator, sample.device, plan.noise_dtype or model_output.dtype)
             state.noise[state.noise_index[state.row]] = draw.to(sample.dtype)
-        out = torch.empty_like(sample)
-        solver_step(sample, model_output, None, state.history, state.noise, state.table, state.itable, state.step,
-                    out=out, backend=self._backend)
+        out = torch.empty_like(sample, memory_format=torch.contiguous_format)
+        if state.launch is None or state.launch_plan is not plan:
+            state.launch = PreparedStep(sample, model_output, None, state.history, state.noise, state.table,
+                                        state.itable, state.step, out, self._backend)
+            state.launch_plan = plan
+        state.launch(sample, model_output, None, out)
         second = self._second_output(row, sample, model_output)
         state.step += 1
         state.row += 1
         return out, second
 
     def _new_state(self, plan: SolverPlan, sample: torch.Tensor) -> SimpleNamespace:
-        table, itable = plan.tables(None)
         device = sample.device
+        table, itable = _device_tables(plan, device)
         noise_index = _noise_index(plan)
         count = plan.n_noise
         state = SimpleNamespace(
-            plan=plan, row=self._begin, x_shape=sample.shape, device=device, table=table.to(device), itable=itable.to(device),
+            plan=plan, row=self._begin, x_shape=sample.shape, device=device, table=table, itable=itable, launch=None,
+            launch_plan=None,
             step=torch.full((), self._begin, dtype=torch.int64, device=device), noise_index=noise_index,
             history=torch.zeros((plan.n_slots, *sample.shape), dtype=sample.dtype, device=device) if plan.n_slots else None,
             noise=torch.zeros((count, *sample.shape), dtype=sample.dtype, device=device) if count else None)
@@ -230,6 +268,49 @@ class FusedScheduler:
         if kind == "denoised" and row.denoised is not None:
             return _evaluate(row.denoised, sample, x0, model_output).to(sample.dtype)
         return x0.to(sample.dtype)
+
+
+def _plan_key(scheduler: Any, arguments: dict[str, Any], step_options: dict[str, Any]) -> tuple | None:
+    """What a plan depends on: the class, its config, the set_timesteps arguments and step options (None when
+    one of them has no faithful text form, e.g. a generator: then nothing is cached)."""
+    try:
+        parts = [("config", _config_text(scheduler))]
+        parts += [("set:" + k, _text(v)) for k, v in sorted(arguments.items())]
+        parts += [("step:" + k, _text(v)) for k, v in sorted(step_options.items())]
+    except TypeError:
+        return None
+    return (type(scheduler).__name__, tuple(parts))
+
+
+def _config_text(scheduler: Any) -> str:
+    """The scheduler config as text, kept on the scheduler while its config object is the same one."""
+    config = scheduler.config
+    cached = scheduler.__dict__.get("_diffrt_config_text")
+    if cached is None or cached[0] is not config:
+        cached = (config, _text(dict(config)))
+        scheduler.__dict__["_diffrt_config_text"] = cached
+    return cached[1]
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_text(v)}" for k, v in sorted(value.items())) + "}"
+    if torch.is_tensor(value) or hasattr(value, "tolist"):
+        return "array" + repr(torch.as_tensor(value).detach().cpu().double().tolist())
+    raise TypeError(type(value).__name__)
+
+
+def _device_tables(plan: SolverPlan, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's coefficient tables on ``device``, made once per plan and device."""
+    tables = plan.__dict__.setdefault("_device_tables", {})
+    if device not in tables:
+        table, itable = plan.tables(None)
+        tables[device] = (table.to(device), itable.to(device))
+    return tables[device]
 
 
 def _starts_fresh(plan: SolverPlan, begin: int) -> bool:
@@ -262,13 +343,22 @@ def _evaluate(combo: Combo, x: torch.Tensor, x0: torch.Tensor, model_output: tor
     return combo.x * x.float() + combo.x0 * x0 + combo.model * model_output.float()
 
 
-def _with_signature(function, like):
-    """``function`` presenting ``like``'s signature to ``inspect.signature`` (pipelines read it)."""
+_SIGNATURES: dict[tuple[type, str], inspect.Signature] = {}
+
+
+def _signature(scheduler: Any, method: str) -> inspect.Signature:
+    """The bound signature of ``scheduler.<method>`` (computed once per class)."""
+    key = (type(scheduler), method)
+    if key not in _SIGNATURES:
+        _SIGNATURES[key] = inspect.signature(getattr(scheduler, method))
+    return _SIGNATURES[key]
+
+
+def _with_signature(function, signature: inspect.Signature):
+    """``function`` presenting ``signature`` to ``inspect.signature`` (pipelines read it)."""
     def proxy(*args: Any, **kwargs: Any) -> Any:
         return function(*args, **kwargs)
-    proxy.__signature__ = inspect.signature(like)
-    proxy.__name__ = getattr(like, "__name__", function.__name__)
-    proxy.__doc__ = getattr(like, "__doc__", None)
+    proxy.__signature__ = signature
     return proxy
 
 

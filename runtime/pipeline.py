@@ -19,8 +19,9 @@ The pipeline keeps its text encoders, VAE, image processing, call arguments, cal
   sharing it, behaves as before).
 
 Options are :func:`optimize`'s: ``dtype`` (a converted copy of the denoiser runs, its inputs cast to
-that dtype and its outputs back), ``attention`` ("auto": diffrt's attention with the device's best
-backend; None leaves the model's), ``todo``, ``sparse``, ``int8``, ``step_cache``, ``config`` (a ``diffrt
+that dtype and its outputs back), ``attention`` ("auto": diffrt's attention on CUDA, the model's own
+elsewhere, where diffrt's would be the same SDPA call; a backend name installs diffrt's processors
+anyway; None leaves the model's), ``todo``, ``sparse``, ``int8``, ``step_cache``, ``config`` (a ``diffrt
 tune`` file: its model-side part), plus ``step_backend`` (the solver-step backend). Not yet for
 pipelines (refused with NotImplementedError): ``cuda_graphs`` on CUDA, ``adaptive_guidance``, ``linear_ag``.
 """
@@ -72,11 +73,17 @@ def accelerate(pipe: Any, *, dtype: torch.dtype | None = None, attention: str | 
     if cuda_graphs and _device_of(module).type == "cuda":
         raise NotImplementedError("cuda_graphs=True is not implemented for accelerate(pipe) yet (the pipeline's "
                                   "denoiser call takes keyword conditions); use optimize() on a Denoiser")
+    if cuda_graphs:
+        log.info("accelerate: cuda_graphs=True off CUDA: the denoiser runs eagerly")
     if getattr(pipe, STATE, None) is not None:
         restore(pipe)
     from .denoiser import Denoiser  # noqa: PLC0415
     from .schedule import NoiseSchedule  # noqa: PLC0415
 
+    if attention == "auto" and todo is None and sparse is None and config is None and _device_of(module).type != "cuda":
+        attention = None  # diffrt's attention would be PyTorch's SDPA here, which the model's processors already run
+        log.info("accelerate: attention='auto' off CUDA leaves the model's attention as it is (diffrt's would be "
+                 "PyTorch SDPA too); attention='torch' installs diffrt's processors anyway")
     placeholder = Denoiser(module, NoiseSchedule.linear())  # optimize() uses the model side only
     fast = optimize(placeholder, dtype=dtype, attention=attention, todo=todo, sparse=sparse, int8=int8,
                     step_cache=step_cache, config=config)
@@ -150,7 +157,10 @@ def _switching_forward(module: torch.nn.Module, state: PipelineAcceleration):
             return original(module, *args, **kwargs)
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep", 0.0)
-        with context.switches(**fast.call_switches(sample, timestep)):
+        switches = fast.call_switches(sample, timestep)
+        if not switches and fast.model is module:
+            return original(module, *args, **kwargs)
+        with context.switches(**switches):
             if fast.model is module:
                 return original(module, *args, **kwargs)
             out = fast.model(*_cast(args, fast.dtype), **_cast(kwargs, fast.dtype))

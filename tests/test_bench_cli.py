@@ -133,3 +133,22 @@ def test_bench_takes_a_diffusers_model_folder(tmp_path, capsys):
     rows = {row["config"]: row for row in document["rows"]}
     assert document["workload"]["sample_shape"] == [1, 8, 8]
     assert rows["exact"]["psnr_db"] > 100 and rows["int8"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("name", ["sd15-unet", "flux-like"])
+def test_bench_pipeline_mode_times_the_real_pipeline_class(name, tmp_path, capsys):
+    pytest.importorskip("transformers")  # diffusers' pipeline classes need it
+    code, document, out = _bench(tmp_path, capsys, "--model", name, "--tiny", "--pipeline", "--no-chart",
+                                 "--configs", "diffusers-eager,exact")
+    assert code == 0, out
+    jsonschema.validate(document, SCHEMA)
+    assert document["settings"]["mode"] == "pipeline" and document["workload"]["model"] == f"{name}-pipeline"
+    rows = {row["config"]: row for row in document["rows"]}
+    assert list(rows) == ["diffusers-eager", "exact"]
+    assert rows["exact"]["status"] == "ok" and rows["exact"]["psnr_db"] > 100  # accelerate(pipe) is exact
+    assert "Pipeline" in document["workload"]["description"]
+
+
+def test_bench_pipeline_mode_refuses_a_model_without_a_pipeline_class(tmp_path, caplog):
+    assert cli.main(["bench", "--model", "digits-dit", "--pipeline", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "no diffusers pipeline class" in caplog.text

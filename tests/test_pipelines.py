@@ -54,7 +54,14 @@ def check_accelerated(pipe, kwargs, calls=None, tol=TOL, **options):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_default_scheduler(family, fused_attention_calls):
     pipe, kwargs = FAMILIES[family]()
-    check_accelerated(pipe, kwargs, fused_attention_calls)
+    check_accelerated(pipe, kwargs, fused_attention_calls, attention="torch")  # diffrt's processors, even on CPU
+
+
+def test_auto_attention_off_cuda_leaves_the_models_own(fused_attention_calls):
+    """On CPU diffrt's attention would be the same SDPA call the model makes: 'auto' does not install it."""
+    pipe, kwargs = build_sdxl()
+    check_accelerated(pipe, kwargs)
+    assert not fused_attention_calls and not acceleration_of(accelerate(pipe)).fast.layers
 
 
 # the schedulers users swap in with X.from_config(pipe.scheduler.config), with the options they set
@@ -133,7 +140,7 @@ def test_a_scheduler_no_plan_reproduces_runs_diffusers_step_and_says_so(caplog):
 def test_accelerate_twice_then_restore_once_gives_the_original():
     pipe, kwargs = build_sd15()
     cls = type(pipe)
-    accelerate(pipe)
+    accelerate(pipe, attention="torch")
     accelerate(pipe, attention=None)
     restore(pipe)
     assert type(pipe) is cls and "forward" not in pipe.unet.__dict__
@@ -144,7 +151,7 @@ def test_the_model_called_directly_or_by_another_pipeline_is_not_accelerated(fus
     pipe, kwargs = build_sd15()
     twin = type(pipe)(**pipe.components)  # shares the UNet
     reference = _run(twin, kwargs)
-    accelerate(pipe)
+    accelerate(pipe, attention="torch")
     pipe.unet(torch.randn(1, 4, 4, 4), 10, encoder_hidden_states=kwargs["prompt_embeds"])
     assert torch.equal(_run(twin, kwargs), reference)
     assert not fused_attention_calls

@@ -39,11 +39,12 @@ import torch
 from ..schedule import NoiseSchedule
 from .registry import VP_OPTIONS, register
 from .common import check_first_timestep, check_unsupported, noise_prediction, vp_schedule
-from .multistep import Coefficients, alpha_sigma_lambda, expand_differences, multistep_orders, ring_rows
+from .multistep import dpm_variant, Coefficients, alpha_sigma_lambda, expand_differences, multistep_orders, ring_rows
 from .plan import SolverPlan
 from .sigmas import (
     data_prediction,
     exponential_sigmas,
+    final_sigma,
     karras_sigmas,
     multistep_timesteps,
     sigma_to_t,
@@ -91,13 +92,7 @@ def dpm_grid(alphas_cumprod: torch.Tensor, config: dict, steps: int) -> tuple[np
         timesteps, sigmas = t.astype(np.int64), grid
     else:
         sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-    final = config.get("final_sigmas_type", "zero")
-    if final == "sigma_min":
-        sigma_last = (((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5).item()
-    elif final == "zero":
-        sigma_last = 0.0
-    else:
-        raise NotImplementedError(f"DPMSolverMultistepScheduler: final_sigmas_type={final!r} (zero, sigma_min)")
+    sigma_last = final_sigma(config, alphas_cumprod, "DPMSolverMultistepScheduler")
     return timesteps, np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
 
 
@@ -141,15 +136,7 @@ def dpm_coefficients(algorithm: str, solver_type: str, order: int, levels: list[
 
 def _algorithm_options(config: dict) -> tuple[str, str]:
     """(algorithm_type, solver_type) after diffusers' own substitutions (deis -> dpmsolver++, ...)."""
-    algorithm = config.get("algorithm_type", "dpmsolver++")
-    algorithm = "dpmsolver++" if algorithm == "deis" else algorithm
-    if algorithm not in ALGORITHMS:
-        raise NotImplementedError(f"DPMSolverMultistepScheduler: algorithm_type={algorithm!r} is not reproduced "
-                                  f"({', '.join(ALGORITHMS)})")
-    solver_type = config.get("solver_type", "midpoint")
-    solver_type = "midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type
-    if solver_type not in ("midpoint", "heun"):
-        raise NotImplementedError(f"DPMSolverMultistepScheduler: solver_type={solver_type!r} (midpoint, heun)")
+    algorithm, solver_type = dpm_variant(config, ALGORITHMS, "DPMSolverMultistepScheduler")
     if algorithm in ("dpmsolver", "sde-dpmsolver") and config.get("final_sigmas_type", "zero") == "zero":
         raise ValueError(f"DPMSolverMultistepScheduler: final_sigmas_type='zero' needs a dpmsolver++ algorithm_type, "
                          f"got {algorithm!r}; use final_sigmas_type='sigma_min'")

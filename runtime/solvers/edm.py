@@ -41,7 +41,7 @@ import torch
 from ..schedule import NoiseSchedule
 from .common import check_first_timestep, check_step_options, check_unsupported
 from .euler import CHURN_OPTIONS, euler_update
-from .multistep import Coefficients, expand_differences, multistep_orders, ring_rows
+from .multistep import Coefficients, dpm_variant, expand_differences, multistep_orders, ring_rows
 from .plan import SolverPlan, StepRow
 from .registry import STEP_OPTIONS, register
 
@@ -172,18 +172,9 @@ def dpm_coefficients(algorithm: str, solver_type: str, order: int, levels: list[
 
 
 def dpm_algorithm(config: dict) -> tuple[str, str]:
-    """(algorithm_type, solver_type) after diffusers' substitutions (deis -> dpmsolver++, logrho/bh* -> midpoint)."""
+    """(algorithm_type, solver_type) after diffusers' substitutions (:func:`~.multistep.dpm_variant`)."""
     check_unsupported(config, {"thresholding": False}, DPM_NAME)
-    algorithm = config.get("algorithm_type", "dpmsolver++")
-    algorithm = "dpmsolver++" if algorithm == "deis" else algorithm
-    if algorithm not in ALGORITHMS:
-        raise NotImplementedError(f"{DPM_NAME}: algorithm_type={algorithm!r} is not reproduced "
-                                  f"({', '.join(ALGORITHMS)})")
-    solver_type = config.get("solver_type", "midpoint")
-    solver_type = "midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type
-    if solver_type not in ("midpoint", "heun"):
-        raise NotImplementedError(f"{DPM_NAME}: solver_type={solver_type!r} is not reproduced (midpoint, heun)")
-    return algorithm, solver_type
+    return dpm_variant(config, ALGORITHMS, DPM_NAME)
 
 
 def dpm_orders(config: dict, n: int, algorithm: str) -> list[int]:

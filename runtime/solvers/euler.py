@@ -31,7 +31,7 @@ from ..schedule import NoiseSchedule
 from .registry import STEP_OPTIONS, VP_OPTIONS, register
 from .common import check_first_timestep, check_step_options, check_unsupported
 from .plan import Combo, SolverPlan, StepRow
-from .sigmas import exponential_sigmas, karras_sigmas, sigma_to_t, ve_sigmas, zero_snr_alphas_cumprod
+from .sigmas import exponential_sigmas, final_sigma, karras_sigmas, sigma_to_t, ve_sigmas, zero_snr_alphas_cumprod
 
 CHURN_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 STEP_OPTIONS["EulerDiscreteScheduler"] = CHURN_OPTIONS
@@ -96,13 +96,7 @@ def vp_sigma_grid(schedule: NoiseSchedule, config: dict, steps: int, name: str) 
         convert = karras_sigmas if config.get("use_karras_sigmas", False) else exponential_sigmas
         sigmas = convert(sigma_min, sigma_max, steps)
         timesteps = sigma_to_t(sigmas, log_sigmas)
-    final = config.get("final_sigmas_type", "zero")
-    if final == "zero":
-        sigma_last = 0.0
-    elif final == "sigma_min":
-        sigma_last = float(((1 - abar[0]) / abar[0]) ** 0.5)
-    else:
-        raise NotImplementedError(f"{name}: final_sigmas_type={final!r} is not supported (zero, sigma_min)")
+    sigma_last = final_sigma(config, abar, name)
     sigmas = torch.from_numpy(np.concatenate([sigmas, [sigma_last]]).astype(np.float32))
     return timesteps.astype(np.float32), sigmas
 

@@ -73,3 +73,17 @@ def ring_rows(timesteps: np.ndarray, predictions: list[tuple[float, float]], ste
         rows.append(StepRow(timestep=float(t), c_in=1.0, x0_x=m_x, x0_model=m_model, out=out,
                             writes=writes, noise=noise))
     return rows, n_slots
+
+
+def dpm_variant(config: dict, algorithms: tuple[str, ...], scheduler: str) -> tuple[str, str]:
+    """(algorithm_type, solver_type) of a DPM-Solver config after diffusers' own substitutions (deis ->
+    dpmsolver++; logrho, bh1, bh2 -> midpoint); a value outside ``algorithms`` / midpoint, heun is refused."""
+    algorithm = config.get("algorithm_type", "dpmsolver++")
+    algorithm = "dpmsolver++" if algorithm == "deis" else algorithm
+    if algorithm not in algorithms:
+        raise NotImplementedError(f"{scheduler}: algorithm_type={algorithm!r} is not reproduced ({', '.join(algorithms)})")
+    solver_type = config.get("solver_type", "midpoint")
+    solver_type = "midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type
+    if solver_type not in ("midpoint", "heun"):
+        raise NotImplementedError(f"{scheduler}: solver_type={solver_type!r} is not reproduced (midpoint, heun)")
+    return algorithm, solver_type

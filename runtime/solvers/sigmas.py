@@ -92,3 +92,14 @@ def zero_snr_alphas_cumprod(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     abar = alphas_cumprod.clone()
     abar[-1] = 2**-24
     return abar
+
+
+def final_sigma(config: dict, alphas_cumprod: torch.Tensor, scheduler: str) -> float:
+    """The level after the last step, diffusers' ``final_sigmas_type``: "zero", or "sigma_min" (the training
+    schedule's smallest, sqrt((1 - abar_0) / abar_0), in float32 as diffusers computes it)."""
+    final = config.get("final_sigmas_type", "zero")
+    if final == "zero":
+        return 0.0
+    if final == "sigma_min":
+        return (((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5).item()
+    raise NotImplementedError(f"{scheduler}: final_sigmas_type={final!r} is not reproduced (zero, sigma_min)")

@@ -48,10 +48,11 @@ import torch
 from ..schedule import NoiseSchedule
 from .common import check_first_timestep, check_unsupported, noise_prediction, vp_schedule
 from .dpm import dpm_coefficients
-from .multistep import Coefficients, alpha_sigma_lambda
+from .multistep import Coefficients, alpha_sigma_lambda, dpm_variant
 from .plan import Combo, SolverPlan, StepRow
 from .registry import VP_OPTIONS, register
-from .sigmas import data_prediction, exponential_sigmas, karras_sigmas, multistep_timesteps, sigma_to_t, ve_sigmas
+from .sigmas import (data_prediction, exponential_sigmas, final_sigma, karras_sigmas, multistep_timesteps, sigma_to_t,
+                     ve_sigmas)
 
 NAME = "DPMSolverSinglestepScheduler"
 UNSUPPORTED = {"thresholding": False, "use_beta_sigmas": False, "use_flow_sigmas": False,
@@ -85,13 +86,7 @@ def singlestep_grid(alphas_cumprod: torch.Tensor, config: dict, steps: int) -> t
         timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas]).astype(np.int64)
     else:
         sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-    final = config.get("final_sigmas_type", "zero")
-    if final == "sigma_min":
-        sigma_last = (((1 - alphas_cumprod[0]) / alphas_cumprod[0]) ** 0.5).item()
-    elif final == "zero":
-        sigma_last = 0.0
-    else:
-        raise NotImplementedError(f"{NAME}: final_sigmas_type={final!r} is not reproduced (zero, sigma_min)")
+    sigma_last = final_sigma(config, alphas_cumprod, NAME)
     return timesteps, np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
 
 
@@ -209,14 +204,7 @@ def _algorithm_options(config: dict) -> tuple[str, str]:
     if requested not in ("dpmsolver++", "sde-dpmsolver++") and config.get("final_sigmas_type", "zero") == "zero":
         raise ValueError(f"{NAME}: final_sigmas_type='zero' needs a dpmsolver++ algorithm_type, got {requested!r}; "
                          "use final_sigmas_type='sigma_min'")
-    algorithm = "dpmsolver++" if requested == "deis" else requested
-    if algorithm not in ALGORITHMS:
-        raise NotImplementedError(f"{NAME}: algorithm_type={algorithm!r} is not reproduced ({', '.join(ALGORITHMS)})")
-    solver_type = config.get("solver_type", "midpoint")
-    solver_type = "midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type
-    if solver_type not in ("midpoint", "heun"):
-        raise NotImplementedError(f"{NAME}: solver_type={solver_type!r} is not reproduced (midpoint, heun)")
-    return algorithm, solver_type
+    return dpm_variant(config, ALGORITHMS, NAME)
 
 
 def _check_refused(config: dict, step_options: dict) -> None:
