@@ -40,6 +40,10 @@ from . import context
 log = logging.getLogger(__name__)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 MAX_SCALE = 64  # token grids are searched at scales 1, 2, 4, ..., MAX_SCALE of the sample
 
 
@@ -51,6 +55,17 @@ class ToDo:
     factor: int | dict[int, int] = 2
     min_tokens: int = 4096
     mode: str = "nearest"
+
+    def __post_init__(self) -> None:
+        factors = self.factor.values() if isinstance(self.factor, dict) else [self.factor]
+        if isinstance(self.factor, dict) and not all(_is_int(level) and level >= 0 for level in self.factor):
+            raise ValueError(f"ToDo: factor levels must be ints >= 0, got {sorted(self.factor, key=str)}")
+        if not all(_is_int(f) and f >= 1 for f in factors):
+            raise ValueError(f"ToDo: factor must be an int >= 1 (or {{level: int >= 1}}), got {self.factor!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"ToDo: min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        if self.mode not in ("nearest", "average"):
+            raise ValueError(f"ToDo: mode must be 'nearest' or 'average', got {self.mode!r}")
 
     def factor_at(self, level: int) -> int:
         if isinstance(self.factor, dict):
@@ -79,6 +94,17 @@ class Sparse:
     def __post_init__(self) -> None:
         if self.kind not in ("window", "dynamic"):
             raise ValueError(f"Sparse: kind must be 'window' or 'dynamic', got {self.kind!r}")
+        for name in ("radius", "q_block", "k_block"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"Sparse: {name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"Sparse: min_tokens must be an int >= 0, got {self.min_tokens!r}")
+        for name in ("tau", "topk"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise ValueError(f"Sparse: {name} must be None or in (0, 1], got {value!r}")
+        if not (isinstance(self.min_similarity, (int, float)) and -1 <= self.min_similarity <= 1):
+            raise ValueError(f"Sparse: min_similarity must be in [-1, 1], got {self.min_similarity!r}")
 
 
 @dataclass

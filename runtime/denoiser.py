@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import torch
 
 from . import conditions
-from .diffusers_models import DIFFUSERS_CALLS, CallFn, call_module, sample_shape
+from .diffusers_models import DIFFUSERS_CALLS, CallFn, call_module, class_count, sample_shape
 from .schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ class Denoiser:
         self.schedule = schedule
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
         self.any_resolution = False  # True: sample_shape is a default size, other H x W work too
+        self.condition_classes: int | None = None  # class-conditional models: labels are 0..condition_classes-1
         self._call = call or call_module
         first = _first_param(model)
         self.dtype = dtype or (first.dtype if first is not None else None)
@@ -79,6 +80,7 @@ class Denoiser:
         schedule = NoiseSchedule.from_config(scheduler_config, prediction_type)
         den = cls(model, schedule, sample_shape=sample_shape(model), call=call)
         den.any_resolution = name not in FIXED_RESOLUTION
+        den.condition_classes = class_count(model)
         return den
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:

@@ -142,3 +142,15 @@ def sample_shape(model: Any) -> tuple[int, ...] | None:
         return None  # Flux's size is the pipeline's choice
     size = (size, size) if isinstance(size, int) else tuple(size)
     return (channels, *size)
+
+
+def class_count(model: Any) -> int | None:
+    """How many class labels a class-conditional model embeds (its null class included), or None."""
+    cfg = getattr(model, "config", {})
+    name = type(model).__name__
+    if name == "UNet2DModel":
+        return cfg.get("num_class_embeds")
+    if name in ("DiTTransformer2DModel", "Transformer2DModel") and cfg.get("num_embeds_ada_norm") \
+            and not cfg.get("cross_attention_dim"):
+        return int(cfg["num_embeds_ada_norm"]) + 1  # + the learned null class of classifier-free guidance
+    return None

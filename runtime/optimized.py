@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,9 @@ def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | N
         return optimize(den, backend=backend, int8_policy=int8_policy, backend_options=backend_options,
                         cuda_graphs=acc.cuda_graphs and acc.early_exit is None,  # early exit captures its segments
                         **acc.optimize_kwargs(den.device or "cpu", base_dir))
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype (torch.float16, torch.bfloat16, torch.float32) or None, got "
+                        f"{dtype!r}")
     if cuda_graphs and backend != "native":
         raise NotImplementedError(f"cuda_graphs=True with backend={backend!r}: the engine replays its own graphs")
     if cuda_graphs and step_cache not in (None, False):
@@ -214,9 +218,11 @@ def _step_cache(model: Any, option: float | bool | None):
         return None
     from . import step_cache as caching  # noqa: PLC0415
 
+    if not (option is True or (isinstance(option, (int, float)) and not isinstance(option, bool))):
+        raise TypeError(f"step_cache must be None, True or a threshold (a number >= 0), got {option!r}")
     threshold = DEFAULT_STEP_CACHE if option is True else float(option)
-    if threshold < 0:
-        raise ValueError(f"step_cache must be a non-negative threshold, got {option}")
+    if not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"step_cache must be a finite threshold >= 0, got {option!r}")
     caching.install(model)
     return caching.StepCache(threshold)
 

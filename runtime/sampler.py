@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -102,8 +103,11 @@ class Sampler:
         if self.early_exit_graphs and getattr(denoiser, "int8_mode", None) == "static":
             raise ValueError("early_exit_graphs=True with a calibrated INT8 denoiser: the segment graphs would keep "
                              "the capturing call's timestep groups; use early_exit_graphs=False with int8")
-        if guidance_scale is not None and not math.isfinite(float(guidance_scale)):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real)
+                                           or not math.isfinite(guidance_scale)):
+            raise ValueError(f"guidance_scale must be None or a finite number, got {guidance_scale!r}")
+        if backend not in STEP_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(STEP_BACKENDS)}, got {backend!r}")
         self.adaptive_guidance = _adaptive_threshold(adaptive_guidance)
         if self.adaptive_guidance is not None and guidance_scale is None:
             raise ValueError("adaptive_guidance drops the unconditional pass of CFG: it needs a guidance_scale")
@@ -162,6 +166,7 @@ class Sampler:
         """
         if check:
             self._check_noise(noise)
+            self._check_conditions(cond, uncond, noise.shape[0])
         self.stats = {}
         if self.early_exit is not None:
             state = ExitState(self.early_exit, per_sample=self.early_exit_scope == "sample", graphs=self.early_exit_graphs)
@@ -178,7 +183,11 @@ class Sampler:
         state = self.start(noise, generator)
         if guided and (self.adaptive_guidance is not None or self.linear_ag is not None):
             return self._sample_adaptive(state, cond, uncond, callback)
-        model_cond = conditions.cat(uncond, cond) if guided else cond
+        batch = noise.shape[0]
+        if guided:  # one condition for all samples is broadcast before CFG stacks [uncond; cond]
+            model_cond = conditions.cat(conditions.expand(uncond, batch), conditions.expand(cond, batch))
+        else:
+            model_cond = cond
         for i in range(self.plan.steps):
             x_in, t = self.model_inputs(state)
             if guided:
@@ -295,6 +304,22 @@ class Sampler:
         if not torch.isfinite(noise).all():
             raise ValueError("noise contains NaN or Inf")
 
+    def _check_conditions(self, cond: Any, uncond: Any, batch: int) -> None:
+        """One condition per sample (or one for all), class labels within the model's classes."""
+        for name, value in (("cond", cond), ("uncond", uncond)):
+            if not conditions.is_condition(value):
+                continue  # None, or a custom model's own kind of condition
+            rows = conditions.batch_of(value)
+            if rows is not None and rows not in (1, batch):
+                raise ValueError(f"{name} has {rows} rows for {batch} samples: give one per sample, or one for all")
+            classes = getattr(self.denoiser, "condition_classes", None)
+            if classes is not None and torch.is_tensor(value) and not value.is_floating_point() and value.numel():
+                low, high = int(value.min()), int(value.max())
+                if low < 0 or high >= classes:
+                    raise ValueError(f"{name} holds class labels {low}..{high}; this model takes 0..{classes - 1}")
+
+
+STEP_BACKENDS = ("auto", "reference", "cpu", "cuda")  # of diffrt.kernels.solver_step
 
 # cosine similarity: on both digits models 29-30 % of the evaluations saved at <= 0.5 points of class
 # accuracy (bench/results/cpu-20261201-adaptive-guidance.md; 0.9 saves 41-43 % but costs 2 points on the DiT)

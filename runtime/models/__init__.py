@@ -118,8 +118,10 @@ def load(name: str, device: str | torch.device | None = None, dtype: torch.dtype
     from .exits import load_exit_heads  # noqa: PLC0415
 
     model.attach_exit_heads(load_exit_heads(model, weights_dir or WEIGHTS_DIR))
-    return Denoiser(model, NoiseSchedule.from_config(info["scheduler"]), sample_shape=tuple(info["sample_shape"]),
-                    call=_call_dit)
+    den = Denoiser(model, NoiseSchedule.from_config(info["scheduler"]), sample_shape=tuple(info["sample_shape"]),
+                   call=_call_dit)
+    den.condition_classes = model.null_class + 1  # 0-9 and the null class
+    return den
 
 
 def load_model(spec: str | Path, scheduler_config: str | Path | None = None) -> Denoiser:

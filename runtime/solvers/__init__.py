@@ -8,6 +8,7 @@ NotImplementedError naming any option it does not reproduce.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..schedule import NoiseSchedule
@@ -29,7 +30,7 @@ def plan_from_scheduler(scheduler: Any, num_inference_steps: int, schedule: Nois
     check_signature(scheduler)
     config = class_config(name, dict(scheduler.config))
     schedule = schedule or NoiseSchedule.from_config(scheduler.config)
-    return SCHEDULERS[name](schedule, config, _check_steps(num_inference_steps), dict(step_options))
+    return _finite(SCHEDULERS[name](schedule, config, _check_steps(num_inference_steps), dict(step_options)), schedule)
 
 
 def plan_for(solver: str, schedule: NoiseSchedule, num_inference_steps: int, **options: Any) -> SolverPlan:
@@ -50,7 +51,21 @@ def plan_for(solver: str, schedule: NoiseSchedule, num_inference_steps: int, **o
     config.update(preset)
     config.update(options)
     config["_class_name"] = class_name
-    return SCHEDULERS[class_name](schedule, config, _check_steps(num_inference_steps), step_options)
+    return _finite(SCHEDULERS[class_name](schedule, config, _check_steps(num_inference_steps), step_options), schedule)
+
+
+def _finite(plan: SolverPlan, schedule: NoiseSchedule) -> SolverPlan:
+    """The plan, after checking that every coefficient is finite: a grid that repeats a noise level (more steps
+    than the schedule resolves) makes a solver divide by a zero step size, and the samples would be NaN."""
+    for index, row in enumerate(plan.rows):
+        combos = [row.out, *(combo for _, combo in row.writes)]
+        values = [row.timestep, row.c_in, row.x0_x, row.x0_model,
+                  *(v for c in combos for v in (c.x, c.x0, c.model, c.noise, *c.hist.values()))]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{plan.solver}: step {index} of {plan.steps} (timestep {row.timestep:g}) has a non-finite "
+                             f"coefficient: the grid repeats a noise level there; use fewer steps than "
+                             f"{plan.steps} on this {schedule.num_train_timesteps}-step schedule")
+    return plan
 
 
 def _check_steps(steps: int) -> int:

@@ -28,7 +28,7 @@ def check_first_timestep(timesteps: np.ndarray, scheduler: str) -> None:
         raise ValueError(f"{scheduler}: the timestep grid is empty")
     grid = np.asarray(timesteps, dtype=np.float32)
     if int((grid == grid[0]).sum()) > 1:
-        raise ValueError(f"{scheduler}: the first timestep {float(grid[0]):g} repeats in {grid.tolist()}; "
+        raise ValueError(f"{scheduler}: the first timestep {float(grid[0]):g} repeats in {_head(grid)}; "
                          "diffusers cannot step this grid (use fewer steps or another timestep_spacing)")
 
 
@@ -49,3 +49,9 @@ def noise_prediction(ptype: str, alpha: float, sigma: float) -> tuple[float, flo
     if ptype == "v_prediction":
         return sigma, alpha
     raise NotImplementedError(f"prediction_type={ptype!r} is not supported by this solver")
+
+
+def _head(values: np.ndarray, count: int = 8) -> str:
+    """The first ``count`` values of a long grid, for a message that stays short."""
+    items = [f"{v:g}" for v in np.asarray(values).reshape(-1)[:count].tolist()]
+    return "[" + ", ".join(items) + (f", ... ({len(values)} in all)]" if len(values) > count else "]")
