@@ -22,6 +22,10 @@ approximations that compose, plus graphs on CUDA) and ``tuned`` (a ``--config`` 
 A configuration that cannot apply to the workload (graphs off CUDA, early exit without exit
 heads, ...) is a ``skipped`` row that says why. An exact row whose PSNR falls more than
 :data:`EXACT_SLACK_DB` below the eager baseline's (capped at :data:`EXACT_CAP_DB`) is marked ``quality-fail``.
+
+Warm-up covers what is timed: the compile baseline compiles its own model copy, every row runs once more
+after all are built, right before the timed rounds; a row whose p99 still exceeds ``harness.SPREAD_LIMIT``
+times its p50 is ``unstable`` with a note (:func:`harness.spread_note`): it recompiled while timed.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ BASELINES = ("diffusers-eager", "diffusers-compile", "streamdiffusion")
 CONFIGS = ("exact", "graphs", "todo", "sparse", "int8", "adaptive-guidance", "early-exit", "step-cache", "combined")
 EXACT_SLACK_DB = 3.0
 EXACT_CAP_DB = 60.0  # above this an exact row matches the reference as well as it can
+TIMED = ("ok", "unstable")  # the statuses of rows that were timed and passed their quality checks
 REFERENCE_SEED, CALIBRATION_SEED = 0, 1000
 PENDING = "pending"  # Acceleration(int8={"path": PENDING}): calibrate on the workload when the row is built
 
@@ -125,7 +130,10 @@ def diffusers_sample(den: Denoiser, scheduler: Any, steps: int, inputs: Inputs) 
 
 
 def _model_copy(den: Denoiser, dtype: torch.dtype, wrap: Callable[[Any], Any] | None = None) -> Denoiser:
-    model = den.model if dtype == den.dtype else copy.deepcopy(den.model).to(dtype)
+    """``den`` in ``dtype``: the same model when the dtype matches and nothing wraps it, else a copy
+    (a compiled model must own its modules: diffrt's rows install layers in the shared one)."""
+    own = wrap is not None or dtype != den.dtype
+    model = copy.deepcopy(den.model).to(dtype) if own else den.model
     return Denoiser(wrap(model) if wrap else model, den.schedule, sample_shape=den.sample_shape, call=den._call,
                     dtype=dtype)
 
@@ -194,7 +202,9 @@ class Calibrations:
             return acc
         from diffrt.export import calibrate  # noqa: PLC0415
 
-        solver, steps, groups = acc.solver or solver, acc.steps or steps, acc.int8.get("groups", "auto")
+        solver = solver if acc.solver is None else acc.solver
+        steps = steps if acc.steps is None else acc.steps
+        groups = acc.int8.get("groups", "auto")
         key = (solver, steps, groups)
         if key not in self._made:
             w = self.workload
@@ -290,13 +300,20 @@ def prepare_row(name: str, kind: str, build: Callable[[], Callable[[], torch.Ten
 
 
 def time_rows(entries: list[tuple[dict[str, Any], Callable]], device: torch.device, batch: int, repeats: int,
-              max_seconds: float | None) -> None:
+              max_seconds: float | None, warmup: int = 1) -> None:
     """Time whole samples in rounds, one call of every configuration per round, so that a machine's
     drift (clocks, other load) spreads over all rows alike; stops after ``max_seconds`` per row
-    (at least 3 rounds). Fills latency, repeats and throughput into each row."""
+    (at least 3 rounds). First ``warmup`` untimed rounds, so that what building the other rows changed
+    recompiles there. Fills latency, repeats and throughput in; marks a still cold row (:func:`flag_spread`)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     seconds: list[list[float]] = [[] for _ in entries]
-    began = time.perf_counter()
     with torch.no_grad():
+        for _ in range(warmup):
+            for _, fn in entries:
+                fn()
+        harness.sync(device)
+        began = time.perf_counter()
         for round_index in range(repeats):
             for index, (_, fn) in enumerate(entries):
                 seconds[index].append(harness.measure(fn, device, warmup=0, repeats=1).seconds[0])
@@ -307,6 +324,29 @@ def time_rows(entries: list[tuple[dict[str, Any], Callable]], device: torch.devi
         stats = harness.Timing(values).stats(scale=1e3)
         row.update({"latency_ms": {k: stats[k] for k in ("median", "p90", "p99", "p20", "p80", "min", "mean")},
                     "repeats": stats["count"], "throughput_per_s": batch / (stats["median"] / 1e3)})
+        flag_spread(row)
+
+
+def flag_spread(row: dict[str, Any], limit: float = harness.SPREAD_LIMIT) -> None:
+    """Mark a timed ``ok`` row ``unstable`` (with :func:`harness.spread_note`'s note) when its spread says so."""
+    note = harness.spread_note(row["latency_ms"], limit)
+    if note is None or row["status"] != "ok":
+        return
+    row["status"] = "unstable"
+    _add_note(row, note)
+    log.warning("%s: %s", row["config"], note)
+
+
+def _add_note(row: dict[str, Any], note: str) -> None:
+    row["note"] = f"{row['note']}; {note}" if row.get("note") else note
+
+
+def _check_run(batch: int, steps: int | None, warmup: int, repeats: int, max_seconds: float | None) -> None:
+    """ValueError for a setting :func:`run` cannot honour (before anything is built)."""
+    bad = [f"{name}={value}" for name, value, low in (("batch", batch, 1), ("steps", steps, 1), ("warmup", warmup, 0),
+           ("repeats", repeats, 1), ("max_seconds", max_seconds, 1e-9)) if value is not None and value < low]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: batch, steps, repeats must be >= 1, warmup >= 0, max_seconds > 0")
 
 
 def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, steps: int | None = None,
@@ -317,9 +357,11 @@ def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, st
 
     ``interleave``: all configurations stay built and are timed in rounds (:func:`time_rows`);
     False times each right after building it and frees it before the next (less memory)."""
+    _check_run(batch, steps, warmup, repeats, max_seconds)
     device = workload.den.device or torch.device("cpu")
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    solver, steps = solver or workload.solver, steps or workload.steps
+    solver = workload.solver if solver is None else solver
+    steps = workload.steps if steps is None else steps
     names = list(BASELINES + CONFIGS) if not configs or configs == ["all"] else list(dict.fromkeys(configs))
     unknown = [n for n in names if n not in BASELINES + CONFIGS]
     if unknown:
@@ -363,12 +405,12 @@ def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, st
             if fn is not None and interleave:
                 timed.append((row, fn))
             elif fn is not None:
-                time_rows([(row, fn)], device, batch, repeats, max_seconds)
+                time_rows([(row, fn)], device, batch, repeats, max_seconds, warmup=0)  # warmed just now
             del fn
             gc.collect()
         if timed:
             log.info("bench %s: timing %d configurations in %d rounds", workload.name, len(timed), repeats)
-            time_rows(timed, device, batch, repeats, max_seconds)
+            time_rows(timed, device, batch, repeats, max_seconds, warmup=min(warmup, 1))
     finally:
         timed.clear()
         scratch.cleanup()
@@ -393,17 +435,18 @@ class _Job:
 
 def _speedups(rows: list[dict[str, Any]]) -> None:
     """Speedup over every timed baseline; quality-fail for exact rows well below the eager baseline's PSNR."""
-    timed = {r["config"]: r["latency_ms"]["median"] for r in rows if r["status"] == "ok" and r["kind"] == "baseline"}
-    eager_psnr = next((r.get("psnr_db") for r in rows if r["config"] == "diffusers-eager" and r["status"] == "ok"), None)
-    exact_psnr = next((r.get("psnr_db") for r in rows if r["config"] == "exact" and r["status"] == "ok"), None)
+    timed = {r["config"]: r["latency_ms"]["median"] for r in rows if r["status"] in TIMED and r["kind"] == "baseline"}
+    eager_psnr = next((r.get("psnr_db") for r in rows if r["config"] == "diffusers-eager" and r["status"] in TIMED),
+                      None)
+    exact_psnr = next((r.get("psnr_db") for r in rows if r["config"] == "exact" and r["status"] in TIMED), None)
+    floor = None if eager_psnr is None else min(eager_psnr, EXACT_CAP_DB) - EXACT_SLACK_DB
     for row in rows:
-        if row["status"] != "ok":
+        if row["status"] not in TIMED:
             continue
         row["speedup"] = {name: ms / row["latency_ms"]["median"] for name, ms in timed.items()}
         if row.get("exact") is False and exact_psnr is not None and row.get("psnr_db") == exact_psnr:
-            row["note"] = ("the same samples as 'exact': the option did not apply at this shape (e.g. fewer tokens "
-                           "than its min_tokens)")
-        floor = None if eager_psnr is None else min(eager_psnr, EXACT_CAP_DB) - EXACT_SLACK_DB
+            _add_note(row, "the same samples as 'exact': the option did not apply at this shape (e.g. fewer tokens "
+                      "than its min_tokens)")
         if row.get("exact") and floor is not None and row.get("psnr_db", math.inf) < floor:
             row["status"] = "quality-fail"
-            row["note"] = f"exact configuration at {row['psnr_db']:.1f} dB, the eager baseline at {eager_psnr:.1f} dB"
+            _add_note(row, f"exact configuration at {row['psnr_db']:.1f} dB, the eager baseline at {eager_psnr:.1f} dB")

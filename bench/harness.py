@@ -10,6 +10,8 @@
   drained before each repeat, so a launch-bound loop is timed by its host cost), perf_counter
   on CPU. ``setup`` runs before each repeat, outside the timed region. Returns a
   :class:`Timing`; ``Timing.stats(scale)`` gives median, p20, p80, p99, min, mean and count.
+* :func:`spread_note` - whether percentiles show that the timed calls were not warm (p99 more than
+  :data:`SPREAD_LIMIT` times p50: recompiles, graph captures, lazy initialisation inside the timing).
 * :class:`L2Flush` / :class:`RotatingInputs` - cold L2 for kernel benchmarks: overwrite a buffer
   twice the L2 size before each repeat, or cycle through enough input sets to overflow it.
 * :class:`HostSyncCounter` / :func:`forbid_host_sync` - count (or forbid) host syncs in a region
@@ -47,6 +49,7 @@ RESULTS_DIR = REPO_ROOT / "bench" / "results"
 SOURCE_DIRS = ("runtime", "kernels", "export", "csrc", "bench")
 SOURCE_SUFFIXES = (".py", ".cpp", ".cu", ".cuh", ".h", ".hpp", ".txt", ".toml", ".sh")
 SYNC_MESSAGE = "synchronizing CUDA operation"
+SPREAD_LIMIT = 10.0  # p99 above this many times p50: what was timed was not warm
 
 
 # ----------------------------------------------------------------------------- environment stamp
@@ -202,6 +205,17 @@ class Timing:
                 "mean": sum(values) / len(values) if values else math.nan, "count": len(values)}
 
 
+def spread_note(latency: dict[str, float], limit: float = SPREAD_LIMIT) -> str | None:
+    """Why percentiles (``median`` and ``p99``, e.g. in ms) show the timed calls were not warm: p99 above
+    ``limit`` times the median, or a non-finite / non-positive median. None when they look steady."""
+    median, p99 = latency.get("median", math.nan), latency.get("p99", math.nan)
+    if not (math.isfinite(median) and math.isfinite(p99) and median > 0):
+        return f"p50 {median:.4g}, p99 {p99:.4g}: not a valid timing"
+    if p99 > limit * median:
+        return f"p99 {p99:.4g} ms > {limit:g}x p50 {median:.4g} ms: not warmed up (recompiles?)"
+    return None
+
+
 def measure(fn: Callable[[], Any], device: str | torch.device, warmup: int = 3, repeats: int = 20,
             setup: Callable[[], Any] | None = None, max_seconds: float | None = None) -> Timing:
     """Time ``fn()`` per call after ``warmup`` untimed calls.
@@ -209,7 +223,10 @@ def measure(fn: Callable[[], Any], device: str | torch.device, warmup: int = 3, 
     On CUDA each repeat drains the queue, then records events around ``fn`` on the current
     stream; on CPU it reads perf_counter. ``setup()`` runs before each call, untimed.
     ``max_seconds`` stops early (after at least 3 repeats) when the repeats take too long.
+    ValueError for ``warmup`` < 0 or ``repeats`` < 1 (no timing is not a timing of 0 or NaN).
     """
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"measure needs warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     dev = torch.device(device)
     for _ in range(warmup):
         if setup is not None:

@@ -2,7 +2,8 @@
 
 The JSON (``<gpu-or-cpu>-<yyyymmdd>-bench-<model>.json`` through :func:`harness.write_results`):
 ``{"topic", "stamp", "workload", "settings", "rows": [...]}``; each row has ``config``, ``kind``
-(baseline / diffrt), ``status`` (ok / skipped / error / quality-fail), ``note``, ``latency_ms``
+(baseline / diffrt), ``status`` (ok / unstable: timed, but p99 far above p50 / skipped / error /
+quality-fail), ``note``, ``latency_ms``
 ({median, p90, p99, p20, p80, min, mean}), ``repeats``, ``throughput_per_s``, ``speedup``
 ({baseline: x}), ``psnr_db`` / ``psnr_min_db`` (vs the fp32 reference, same noise),
 ``peak_memory_mib`` (CUDA), ``setup_s``, ``first_call_s`` and for diffrt rows ``exact``,
@@ -30,7 +31,7 @@ ROW_SCHEMA = {
     "required": ["config", "kind", "status", "stamp"],
     "properties": {
         "config": {"type": "string"}, "kind": {"enum": ["baseline", "diffrt"]},
-        "status": {"enum": ["ok", "skipped", "error", "quality-fail"]}, "note": {"type": "string"},
+        "status": {"enum": ["ok", "unstable", "skipped", "error", "quality-fail"]}, "note": {"type": "string"},
         "latency_ms": _LATENCY, "repeats": {"type": "integer", "minimum": 1},
         "throughput_per_s": {"type": "number", "exclusiveMinimum": 0},
         "speedup": {"type": "object", "additionalProperties": {"type": "number", "exclusiveMinimum": 0}},
@@ -39,10 +40,11 @@ ROW_SCHEMA = {
         "exact": {"type": "boolean"}, "acceleration": {"type": "string"}, "acceleration_config": {"type": "object"},
         "stamp": {"type": "object"},
     },
-    "allOf": [{"if": {"properties": {"status": {"enum": ["ok", "quality-fail"]}}},
+    "allOf": [{"if": {"properties": {"status": {"enum": ["ok", "unstable", "quality-fail"]}}},
                "then": {"required": ["latency_ms", "repeats", "throughput_per_s", "speedup", "setup_s",
                                      "first_call_s"]}},
-              {"if": {"properties": {"status": {"enum": ["skipped", "error"]}}}, "then": {"required": ["note"]}}],
+              {"if": {"properties": {"status": {"enum": ["unstable", "skipped", "error"]}}},
+               "then": {"required": ["note"]}}],
 }
 SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -101,7 +103,7 @@ def chart(result: dict[str, Any], path: str | Path, stamp: dict[str, Any]) -> Pa
     except ImportError:
         log.warning("no chart: matplotlib is not installed (pip install matplotlib)")
         return None
-    rows = [r for r in result["rows"] if r["status"] in ("ok", "quality-fail")]
+    rows = [r for r in result["rows"] if r["status"] in ("ok", "unstable", "quality-fail")]
     if not rows:
         log.warning("no chart: no configuration was timed")
         return None

@@ -108,7 +108,7 @@ def workload(name: str, device: str | torch.device = "cpu", resolution: int | No
                 "sd-turbo-stream": _sd_turbo, "lipsync": _lipsync}
     if name in builders:
         torch.manual_seed(seed)
-        built = builders[name](device, resolution or (64 if tiny else None), tiny)
+        built = builders[name](device, 64 if resolution is None and tiny else resolution, tiny)
         if tiny:
             built.description = f"tiny {built.name} (toy widths, same call convention)"
         return built
@@ -118,7 +118,7 @@ def workload(name: str, device: str | torch.device = "cpu", resolution: int | No
 
 
 def _latent(resolution: int | None, default: int, factor: int = 8, multiple: int = 1) -> tuple[int, int]:
-    pixels = resolution or default
+    pixels = default if resolution is None else resolution
     if pixels <= 0 or pixels % (factor * multiple):
         raise ValueError(f"resolution {pixels} must be a positive multiple of {factor * multiple} for this model")
     return pixels, pixels // factor

@@ -8,6 +8,15 @@ equals the one asked for, and the caller's ``validate(folder)`` accepts the file
 None, so the caller rebuilds. :meth:`ArtifactCache.commit` writes the manifest last, after the
 files are complete, so an interrupted build is never mistaken for a finished one.
 
+The manifest also records the sha256 of every file of the folder (``"files"``), and
+:meth:`ArtifactCache.lookup` checks them all before reuse: a graph, external weights or engine
+with flipped bytes or cut short is rebuilt (the file named in the log), never used. An entry
+written before checksums were recorded (no ``"files"``) is rebuilt too.
+
+Helpers shared with the user-file formats (calibrations, acceleration configs):
+:func:`file_sha256`, :func:`document_sha256` (a JSON document's own checksum) and
+:func:`read_json` (any parse problem becomes a ValueError naming the file).
+
 The root is ``$DIFFRT_CACHE`` or ``~/.cache/diffrt``.
 """
 from __future__ import annotations
@@ -23,6 +32,7 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+CHUNK = 1 << 20  # bytes hashed per read
 
 
 def key_hash(key: dict[str, Any]) -> str:
@@ -32,6 +42,56 @@ def key_hash(key: dict[str, Any]) -> str:
 
 def default_root() -> Path:
     return Path(os.environ.get("DIFFRT_CACHE") or Path.home() / ".cache" / "diffrt")
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (64 hex chars) of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def document_sha256(document: dict[str, Any], exclude: str = "sha256") -> str:
+    """sha256 of a JSON document's canonical form, without its own checksum entry ``exclude``."""
+    content = {k: v for k, v in document.items() if k != exclude}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ValueError ``"<path>: ..."`` for bytes that are not UTF-8, invalid or too
+    deeply nested JSON, or a document that is not an object."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from error
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: is not JSON ({error})") from error
+    except RecursionError as error:
+        raise ValueError(f"{path}: JSON nested too deeply to be a diffrt file") from error
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(document).__name__}")
+    return document
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """{path relative to ``folder``: sha256} of every file in it but the manifest."""
+    return {file.relative_to(folder).as_posix(): file_sha256(file)
+            for file in sorted(folder.rglob("*")) if file.is_file() and file.name != MANIFEST}
+
+
+def check_digests(folder: Path, recorded: Any) -> None:
+    """Raise ValueError naming the first file of ``recorded`` ({name: sha256}) that is missing or differs."""
+    if not isinstance(recorded, dict):
+        raise ValueError("the manifest records no file checksums (written by an older diffrt, or damaged)")
+    for name, expected in sorted(recorded.items()):
+        file = folder / name
+        if not file.is_file():
+            raise ValueError(f"{file} is missing")
+        if not isinstance(expected, str) or file_sha256(file) != expected:
+            raise ValueError(f"{file} does not match its sha256 (corrupt, truncated or modified)")
 
 
 class ArtifactCache:
@@ -46,7 +106,8 @@ class ArtifactCache:
     def lookup(self, kind: str, key: dict[str, Any], validate: Callable[[Path], None]) -> Path | None:
         """The folder of a finished artifact built for exactly ``key``, or None (the reason is logged).
 
-        ``validate(folder)`` raises (any exception) when the files are unusable.
+        Every file's sha256 is checked against the manifest first; then ``validate(folder)`` raises
+        (any exception) when the files are unusable.
         """
         folder = self.folder(kind, key)
         manifest = folder / MANIFEST
@@ -54,16 +115,18 @@ class ArtifactCache:
             log.info("%s cache: nothing built for this key yet (%s)", kind, folder)
             return None
         try:
-            recorded = json.loads(manifest.read_text())
+            recorded = read_json(manifest)
         except (OSError, ValueError) as error:
-            log.warning("%s cache: unreadable manifest %s (%s): rebuilding", kind, manifest, error)
+            log.warning("%s cache: unreadable manifest (%s): rebuilding", kind, error)
             return None
-        if recorded.get("key") != json.loads(json.dumps(key, default=str)):
-            changed = sorted(k for k in set(recorded.get("key", {})) | set(key)
-                             if recorded.get("key", {}).get(k) != json.loads(json.dumps(key, default=str)).get(k))
+        wanted = json.loads(json.dumps(key, default=str))
+        found = recorded.get("key") if isinstance(recorded.get("key"), dict) else {}
+        if found != wanted:
+            changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
             log.warning("%s cache: %s was built for another %s: rebuilding", kind, folder, ", ".join(changed))
             return None
         try:
+            check_digests(folder, recorded.get("files"))
             validate(folder)
         except Exception as error:  # noqa: BLE001 - whatever makes the files unusable means: rebuild
             log.warning("%s cache: %s is unusable (%s: %s): rebuilding", kind, folder, type(error).__name__, error)
@@ -79,6 +142,7 @@ class ArtifactCache:
         return folder
 
     def commit(self, folder: Path, key: dict[str, Any], details: dict[str, Any] | None = None) -> None:
-        """Write the manifest: the build in ``folder`` is complete."""
-        document = {"key": json.loads(json.dumps(key, default=str)), **(details or {})}
+        """Write the manifest, with the sha256 of every file: the build in ``folder`` is complete."""
+        document = {**(details or {}), "key": json.loads(json.dumps(key, default=str)),
+                    "files": folder_digests(folder)}
         (folder / MANIFEST).write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")

@@ -16,8 +16,11 @@ and a seeded subsample of (|x|, channel) pairs. Then
   prologue) and weights multiplied by it; the scales are computed on the smoothed statistics.
 
 :class:`Calibration` saves to ``<path>.safetensors`` + ``<path>.json`` (model hash, plan
-timesteps, the step -> group map, method, layers) and loads back; ``check_model`` and
-``check_plan`` refuse a model or a plan it was not made for.
+timesteps, the step -> group map, method, layers; written last, with the sha256 of the tensors
+file and of the JSON document itself) and loads back, checking both checksums and every value
+(scales finite and positive, one per group; a file without checksums loads with a warning);
+any problem is a ValueError naming the file. ``check_model`` and ``check_plan`` refuse a model
+(other weights, or layers whose shapes do not fit the scales) or a plan it was not made for.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from .quant import QuantPolicy
+from .artifacts import document_sha256, file_sha256, read_json
+from .quant import QuantPolicy, is_candidate
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,7 @@ class Calibration:
     scales: dict[str, torch.Tensor]  # layer -> fp32 [G]
     inv_smooth: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> fp32 [K] (SmoothQuant)
     meta: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = field(default=None, compare=False, repr=False)  # the JSON file it was loaded from
 
     @property
     def groups(self) -> int:
@@ -85,10 +90,24 @@ class Calibration:
         return groups.index_select(0, nearest)
 
     def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a model with other weights than the calibrated one, or layers the scales do not fit."""
         found = model_hash(model)
         if found != self.model_hash:
-            raise ValueError(f"this calibration was made for model {self.model_hash}, not {found} "
+            raise ValueError(f"{self._named()}was made for model {self.model_hash}, not {found} "
                              "(other weights): calibrate this model")
+        modules = dict(model.named_modules())
+        for name in self.scales:
+            module = modules.get(name)
+            if module is None or not is_candidate(module):
+                raise ValueError(f"{self._named()}has scales for {name!r}, which is not a Linear / 1x1 conv layer "
+                                 f"of {type(model).__name__}")
+            inputs = module.weight.shape[1]
+            if name in self.inv_smooth and self.inv_smooth[name].shape != (inputs,):
+                raise ValueError(f"{self._named()}has {tuple(self.inv_smooth[name].shape)} smoothing factors for "
+                                 f"{name!r}, which takes {inputs} input channels")
+
+    def _named(self) -> str:
+        return f"the calibration {self.source} " if self.source is not None else "this calibration "
 
     def check_plan(self, plan) -> None:
         """Refuse a solver plan whose timesteps are not the calibrated ones."""
@@ -99,40 +118,115 @@ class Calibration:
                              f"{_short(timesteps)}: calibrate with the same solver and steps")
 
     def save(self, path: str | Path) -> Path:
-        """Write ``path.safetensors`` and ``path.json``; returns the JSON path."""
+        """Write ``path.safetensors``, then ``path.json`` with both checksums; returns the JSON path."""
         from safetensors.torch import save_file  # noqa: PLC0415
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"{name}.scales": s.contiguous() for name, s in self.scales.items()}
         tensors.update({f"{name}.inv_smooth": s.contiguous() for name, s in self.inv_smooth.items()})
-        save_file(tensors, str(path.with_suffix(".safetensors")), metadata={"format": FORMAT})
-        document = {"format": FORMAT, "model_hash": self.model_hash, "timesteps": self.timesteps,
-                    "step_groups": self.step_groups, "layers": sorted(self.scales),
-                    "smoothed": sorted(self.inv_smooth), **self.meta}
+        weights_path = path.with_suffix(".safetensors")
+        save_file(tensors, str(weights_path), metadata={"format": FORMAT})
+        document = json.loads(json.dumps({  # as it will read back, so that its checksum does too
+            "format": FORMAT, "model_hash": self.model_hash, "timesteps": self.timesteps,
+            "step_groups": self.step_groups, "layers": sorted(self.scales), "smoothed": sorted(self.inv_smooth),
+            **self.meta}))
+        document["sha256"] = {"safetensors": file_sha256(weights_path), "json": document_sha256(document)}
         json_path = path.with_suffix(".json")
         json_path.write_text(json.dumps(document, indent=1) + "\n")
         return json_path
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
-        """Read what :meth:`save` wrote (``path`` with or without a suffix)."""
-        from safetensors.torch import load_file  # noqa: PLC0415
-
+        """Read what :meth:`save` wrote (``path`` with or without a suffix), checked (module docstring)."""
         path = Path(path)
         json_path, weights_path = path.with_suffix(".json"), path.with_suffix(".safetensors")
         for file in (json_path, weights_path):
             if not file.is_file():
                 raise FileNotFoundError(f"calibration file {file} is missing")
-        document = json.loads(json_path.read_text())
+        document = read_json(json_path)
         if document.get("format") != FORMAT:
             raise ValueError(f"{json_path} is not a diffrt INT8 calibration ({FORMAT})")
-        tensors = load_file(str(weights_path))
-        scales = {name: tensors[f"{name}.scales"] for name in document["layers"]}
-        inv_smooth = {name: tensors[f"{name}.inv_smooth"] for name in document["smoothed"]}
-        meta = {k: v for k, v in document.items()
-                if k not in ("format", "model_hash", "timesteps", "step_groups", "layers", "smoothed")}
-        return cls(document["model_hash"], document["timesteps"], document["step_groups"], scales, inv_smooth, meta)
+        _verify_checksums(json_path, weights_path, document)
+        _check_document(json_path, document)
+        groups = max(document["step_groups"]) + 1
+        tensors = _read_tensors(weights_path)
+        scales = {name: _tensor(weights_path, tensors, f"{name}.scales", (groups,)) for name in document["layers"]}
+        inv_smooth = {name: _tensor(weights_path, tensors, f"{name}.inv_smooth", None) for name in document["smoothed"]}
+        meta = {k: v for k, v in document.items() if k not in _DOCUMENT_KEYS}
+        return cls(document["model_hash"], [float(t) for t in document["timesteps"]], document["step_groups"],
+                   scales, inv_smooth, meta, source=json_path)
+
+
+_DOCUMENT_KEYS = ("format", "model_hash", "timesteps", "step_groups", "layers", "smoothed", "sha256")
+
+
+def _verify_checksums(json_path: Path, weights_path: Path, document: dict[str, Any]) -> None:
+    """Check the JSON's own sha256 and the tensors file's; a file saved without them loads with a warning."""
+    recorded = document.get("sha256")
+    if recorded is None:
+        log.warning("%s carries no checksum (saved by an older diffrt): loaded without verifying it", json_path)
+        return
+    if not isinstance(recorded, dict) or not all(isinstance(recorded.get(k), str) for k in ("json", "safetensors")):
+        raise ValueError(f"{json_path}: 'sha256' must be {{'json': <hex>, 'safetensors': <hex>}}")
+    if document_sha256(document) != recorded["json"]:
+        raise ValueError(f"{json_path} does not match its sha256 (corrupt or edited)")
+    if file_sha256(weights_path) != recorded["safetensors"]:
+        raise ValueError(f"{weights_path} does not match the sha256 recorded in {json_path} (corrupt or replaced)")
+
+
+def _check_document(json_path: Path, document: dict[str, Any]) -> None:
+    """Raise ValueError naming ``json_path`` when a field has the wrong type or an impossible value."""
+    def fail(message: str) -> None:
+        raise ValueError(f"{json_path}: {message}")
+
+    def numbers(values: Any) -> bool:
+        return isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in values)
+
+    if not isinstance(document.get("model_hash"), str):
+        fail("'model_hash' must be a string")
+    timesteps, groups = document.get("timesteps"), document.get("step_groups")
+    if not numbers(timesteps) or not timesteps or not all(math.isfinite(t) for t in timesteps):
+        fail("'timesteps' must be a non-empty list of finite numbers")
+    if not numbers(groups) or len(groups) != len(timesteps) or not all(isinstance(g, int) for g in groups):
+        fail(f"'step_groups' must be a list of {len(timesteps)} ints (one group per step)")
+    if sorted(set(groups)) != list(range(max(groups) + 1)):
+        fail(f"'step_groups' must number the groups 0..G-1, got {sorted(set(groups))}")
+    layers, smoothed = document.get("layers"), document.get("smoothed")
+    for key, names in (("layers", layers), ("smoothed", smoothed)):
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            fail(f"'{key}' must be a list of layer names")
+    if not layers:
+        fail("'layers' names no layer")
+    if not set(smoothed) <= set(layers):
+        fail(f"'smoothed' names layers without scales: {sorted(set(smoothed) - set(layers))}")
+
+
+def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    try:
+        return load_file(str(weights_path))
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({type(error).__name__}: {error})") from error
+
+
+def _tensor(weights_path: Path, tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...] | None):
+    """``tensors[key]`` as fp32, checked: present, 1-D of ``shape`` (any length if None), finite and positive."""
+    value = tensors.get(key)
+    if value is None:
+        raise ValueError(f"{weights_path}: no tensor {key!r}")
+    if (not value.is_floating_point() or value.ndim != 1 or value.numel() == 0
+            or (shape is not None and tuple(value.shape) != shape)):
+        expected = f"{shape[0]} (one per timestep group)" if shape is not None else "K (one per input channel)"
+        raise ValueError(f"{weights_path}: {key!r} must be a 1-D float tensor of length {expected}, "
+                         f"got {value.dtype} {tuple(value.shape)}")
+    value = value.float()
+    if not bool(torch.isfinite(value).all()) or not bool((value > 0).all()):
+        raise ValueError(f"{weights_path}: {key!r} holds values that are not finite and positive "
+                         f"(min {value.min().item():g}): a damaged calibration")
+    return value
 
 
 def _short(values: Sequence[float]) -> str:

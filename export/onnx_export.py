@@ -45,6 +45,7 @@ from torch import nn
 from diffrt.runtime import context
 
 from . import quant
+from .artifacts import file_sha256, read_json
 from .calibration import Calibration, model_hash
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ def export_onnx(den, path: str | Path, batch: int | None = None, resolution: tup
                 cond: torch.Tensor | None = None, opset: int = 17, simplify: bool = False,
                 dynamic_resolution: bool | None = None) -> ExportResult:
     """Export ``den`` (a Denoiser or OptimizedDenoiser, float32) to ``path`` (module docstring)."""
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be a positive integer or None (dynamic), got {batch!r}")
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +155,7 @@ def export_onnx(den, path: str | Path, batch: int | None = None, resolution: tup
     channels, height, width = den.sample_shape if resolution is None else (den.sample_shape[0], *resolution)
     if dynamic_resolution is None:
         dynamic_resolution = resolution is None and type(model).__name__.startswith("UNet")
-    example_batch = batch or 2  # not 1: a traced size-1 dim can be specialised away
+    example_batch = 2 if batch is None else batch  # dynamic: not 1, a traced size-1 dim can be specialised away
     sample = torch.randn(example_batch, channels, height, width, generator=torch.Generator().manual_seed(0))
     timestep = torch.full((example_batch,), 500.0)
     cond = example_cond(den, example_batch) if cond is None else cond
@@ -184,7 +187,7 @@ def export_onnx(den, path: str | Path, batch: int | None = None, resolution: tup
         "torch": torch.__version__, "onnx": _version("onnx"), "created": datetime.datetime.now(datetime.timezone.utc)
         .isoformat(timespec="seconds"), "data_file": None if data_path is None else data_path.name,
     }
-    path.with_suffix(".json").write_text(json.dumps(manifest, indent=1) + "\n")
+    _write_manifest(path, manifest)
     seconds = time.perf_counter() - start
     log.info("exported %s (%s%s) in %.1f s", path, "int8 QDQ, " if calibration else "",
              "dynamic batch" if batch is None else f"batch {batch}", seconds)
@@ -201,8 +204,15 @@ def export_groups(den, folder: str | Path, calibration: Calibration, **options) 
     for result in results:
         result.data_path = folder / "weights.data"
         result.manifest["data_file"] = "weights.data"
-        result.path.with_suffix(".json").write_text(json.dumps(result.manifest, indent=1) + "\n")
+        _write_manifest(result.path, result.manifest)
     return results
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    """Write ``<graph>.json`` last, with the sha256 of the graph and of its external data file."""
+    files = [path.name] + ([manifest["data_file"]] if manifest.get("data_file") else [])
+    manifest["sha256"] = {name: file_sha256(path.parent / name) for name in files}
+    path.with_suffix(".json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def share_weights(paths: list[Path], data_path: Path, threshold: int = 1024) -> None:
@@ -348,12 +358,31 @@ def _version(package: str) -> str | None:
         return None
 
 
-def load_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest written beside an export (``<graph>.json``); raises with the file named if it is missing."""
+def load_manifest(path: str | Path, verify: bool = False) -> dict[str, Any]:
+    """The manifest written beside an export (``<graph>.json``); raises with the file named if it is missing
+    or malformed. ``verify``: also check the graph's and its data file's sha256 (ValueError naming the file)."""
     manifest_path = Path(path).with_suffix(".json")
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path} is missing: this ONNX file was not exported by diffrt.export_onnx")
-    document = json.loads(manifest_path.read_text())
+    document = read_json(manifest_path)
     if document.get("format") != FORMAT:
         raise ValueError(f"{manifest_path} is not a diffrt ONNX manifest ({FORMAT})")
+    if verify:
+        verify_export(Path(path), document)
     return document
+
+
+def verify_export(path: Path, manifest: dict[str, Any]) -> None:
+    """Check the files of the export at ``path`` against the sha256 its manifest records."""
+    recorded = manifest.get("sha256")
+    if recorded is None:
+        log.warning("%s: the manifest carries no checksums (exported by an older diffrt): not verified", path)
+        return
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path.with_suffix('.json')}: 'sha256' must map file names to checksums")
+    for name, expected in recorded.items():
+        file = path.parent / name
+        if not file.is_file():
+            raise ValueError(f"{file} is missing (named by {path.with_suffix('.json')})")
+        if file_sha256(file) != expected:
+            raise ValueError(f"{file} does not match the sha256 in {path.with_suffix('.json')} (corrupt or modified)")

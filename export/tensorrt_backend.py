@@ -10,8 +10,9 @@ named I/O tensors, ``execute_async_v3``).
   shared by all builds of the cache folder.
 * :func:`engine_key`: what an engine depends on (GPU name and compute capability, TensorRT
   version, model and calibration hashes, timestep group, profiles, precision, the ONNX manifest);
-  the :class:`~diffrt.export.artifacts.ArtifactCache` keys engines by it and checks the engine
-  file's sha256 before reuse, so a mismatched or corrupt engine is rebuilt, never reused.
+  the :class:`~diffrt.export.artifacts.ArtifactCache` keys engines by it and checks the sha256 of
+  the engine (and of the ONNX graph it was built from) before reuse, so a mismatched or corrupt
+  engine is rebuilt, never reused.
 * :class:`TrtEngine` runs an engine on torch tensors on the current stream; with ``cuda_graphs``
   and a shape seen before, the launch is one CUDA-graph replay (static input / output buffers).
 * :class:`TorchFreeEngine` runs an engine with device buffers, a stream and events from
@@ -23,7 +24,6 @@ named I/O tensors, ``execute_async_v3``).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,12 +339,10 @@ def trt_denoiser(den, calibration: Calibration | None = None, precision: torch.d
 
 
 def _engine_bytes(cache: ArtifactCache, key: dict, onnx_path: Path, profiles: list[Profile], workspace: int) -> bytes:
-    """The cached engine for ``key`` (its sha256 checked), or a new build."""
+    """The cached engine for ``key`` (its sha256 checked by the cache against the manifest), or a new build."""
     def validate(folder: Path) -> None:
-        data = (folder / "engine.plan").read_bytes()
-        recorded = (folder / "engine.sha256").read_text().strip()
-        if hashlib.sha256(data).hexdigest() != recorded:
-            raise ValueError("engine.plan does not match its checksum (corrupt or truncated)")
+        if (folder / "engine.plan").stat().st_size == 0:
+            raise ValueError("engine.plan is empty")
 
     folder = cache.lookup("tensorrt", key, validate)
     if folder is not None:
@@ -353,6 +351,5 @@ def _engine_bytes(cache: ArtifactCache, key: dict, onnx_path: Path, profiles: li
     log.info("building a TensorRT engine (%s) from %s", key["precision"], onnx_path)
     data = build_engine(onnx_path, key["precision"], profiles, cache.root / "tensorrt" / "timing.cache", workspace)
     (folder / "engine.plan").write_bytes(data)
-    (folder / "engine.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
-    cache.commit(folder, key, {"bytes": len(data)})
+    cache.commit(folder, key, {"bytes": len(data)})  # the manifest records engine.plan's sha256
     return data

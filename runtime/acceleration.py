@@ -16,19 +16,34 @@
 * ``cuda_graphs``: capture the model call per shape bucket (power-of-two batch buckets); with early
   exit the segments between exits are captured instead (not with a calibration: their graphs
   would keep one call's timestep groups).
+
+Every value is checked on construction (a JSON ``"cuda_graphs": "no"`` is refused, not taken as
+true; thresholds must be finite numbers in range). :meth:`Acceleration.save` writes the document's
+sha256 last (``"sha256"``) and :meth:`Acceleration.load` checks it: a damaged or malformed file, a
+wrong type or an unknown key is a ValueError naming the file. A file without a checksum (hand
+written, or saved by an older diffrt) loads with a warning; after editing a saved file by hand,
+delete its ``"sha256"`` entry.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FORMAT = "diffrt-acceleration/1"
+INT8_KEYS = ("path", "groups")
+# threshold field -> (lowest, highest, whether the lowest is allowed), as the Sampler / optimize accept them
+THRESHOLDS = {"adaptive_guidance": (-1.0, math.inf, False), "early_exit": (0.0, 1.0, True),
+              "step_cache": (0.0, math.inf, True)}
 
 
 @dataclass(frozen=True)
@@ -48,13 +63,12 @@ class Acceleration:
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"Acceleration.dtype must be 'auto' or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 1):
-            raise ValueError(f"Acceleration.steps must be a positive int, got {self.steps!r}")
-        if self.int8 is not None and self.int8 != "dynamic" and not (isinstance(self.int8, dict) and "path" in self.int8):
-            raise ValueError("Acceleration.int8 must be None, 'dynamic' or {'path': <saved calibration>, ...}, "
-                             f"got {self.int8!r}")
+        """Refuse values of the wrong type or out of range (module docstring)."""
+        for check in (_check_plan, _check_dtype_and_attention, _check_attention_options, _check_int8,
+                      _check_thresholds):
+            check(self)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"Acceleration.cuda_graphs must be true or false, got {self.cuda_graphs!r}")
 
     def replace(self, **changes: Any) -> "Acceleration":
         return dataclasses.replace(self, **changes)
@@ -100,9 +114,7 @@ class Acceleration:
         """Keyword arguments of :func:`~diffrt.runtime.optimize` (a saved calibration is loaded here)."""
         from .attention import Sparse, ToDo  # noqa: PLC0415
 
-        todo = dict(self.todo or {})
-        if isinstance(todo.get("factor"), dict):  # JSON keys are strings: {"0": 2} -> {0: 2}
-            todo["factor"] = {int(level): int(f) for level, f in todo["factor"].items()}
+        todo = _todo_kwargs(self.todo)
         kwargs: dict[str, Any] = {"dtype": self.torch_dtype(device), "attention": self.attention,
                                   "todo": ToDo(**todo) if todo else None,
                                   "sparse": Sparse(**self.sparse) if self.sparse else None,
@@ -145,27 +157,120 @@ class Acceleration:
         return cls(**data)
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write the config as JSON (``extra``: what produced it, kept under "tuning")."""
+        """Write the config as JSON (``extra``: what produced it, kept under "tuning"), its sha256 last."""
+        from diffrt.export.artifacts import document_sha256  # noqa: PLC0415
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         document = self.to_dict() if extra is None else {**self.to_dict(), "tuning": extra}
-        path.write_text(json.dumps(document, indent=1, default=str) + "\n")
+        document = json.loads(json.dumps(document, default=str))  # as it will read back
+        document["sha256"] = document_sha256(document)
+        path.write_text(json.dumps(document, indent=1) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Acceleration":
+        """Read a saved config, checked (module docstring); a problem is a ValueError naming ``path``."""
+        from diffrt.export.artifacts import read_json  # noqa: PLC0415
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no acceleration config at {path} (diffrt tune writes one)")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not JSON: {error}") from error
+        data = read_json(path)
+        _verify_checksum(path, data)
+        data.pop("sha256", None)
         data.pop("tuning", None)
-        acc = cls.from_dict(data)
+        try:
+            acc = cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from error
         if isinstance(acc.int8, dict) and not Path(acc.int8["path"]).is_absolute():  # saved relative to the file
             acc = acc.replace(int8={**acc.int8, "path": str((path.parent / acc.int8["path"]).resolve())})
         return acc
+
+
+def _verify_checksum(path: Path, document: dict[str, Any]) -> None:
+    """Check the document's sha256; one without (hand written, or an older diffrt's) loads with a warning."""
+    from diffrt.export.artifacts import document_sha256  # noqa: PLC0415
+
+    recorded = document.get("sha256")
+    if recorded is None:
+        log.warning("%s carries no checksum (written by hand or by an older diffrt): loaded without verifying it",
+                    path)
+    elif recorded != document_sha256(document):
+        raise ValueError(f"{path} does not match its sha256 (corrupt, or edited by hand: after editing a saved "
+                         "config, delete its \"sha256\" entry)")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_plan(acc: Acceleration) -> None:
+    if acc.solver is not None and (not isinstance(acc.solver, str) or not acc.solver):
+        raise ValueError(f"Acceleration.solver must be a solver name or None, got {acc.solver!r}")
+    if acc.steps is not None and (not isinstance(acc.steps, int) or isinstance(acc.steps, bool) or acc.steps < 1):
+        raise ValueError(f"Acceleration.steps must be a positive int, got {acc.steps!r}")
+
+
+def _check_dtype_and_attention(acc: Acceleration) -> None:
+    """dtype by name; attention a backend name (optimize() checks which; importing its list would be a circle)."""
+    if not isinstance(acc.dtype, str) or (acc.dtype != "auto" and acc.dtype not in DTYPES):
+        raise ValueError(f"Acceleration.dtype must be 'auto' or one of {', '.join(DTYPES)}, got {acc.dtype!r}")
+    if acc.attention is not None and (not isinstance(acc.attention, str) or not acc.attention):
+        raise ValueError(f"Acceleration.attention must be None or a backend name, got {acc.attention!r}")
+
+
+def _todo_kwargs(todo: dict[str, Any] | None) -> dict[str, Any]:
+    """ToDo keyword arguments of a config's ``todo`` (JSON keys are strings: {"0": 2} -> {0: 2})."""
+    todo = dict(todo or {})
+    if isinstance(todo.get("factor"), dict):
+        try:
+            todo["factor"] = {int(level): f for level, f in todo["factor"].items()}
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"Acceleration.todo: factor levels must be ints, got {todo['factor']!r}") from error
+    return todo
+
+
+def _check_attention_options(acc: Acceleration) -> None:
+    """``todo`` / ``sparse``: dicts of ToDo / Sparse keyword arguments that those classes accept."""
+    from .attention import Sparse, ToDo  # noqa: PLC0415
+
+    for name, kind, value in (("todo", ToDo, acc.todo), ("sparse", Sparse, acc.sparse)):
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"Acceleration.{name} must be a dict of {kind.__name__} options or None, got {value!r}")
+        unknown = set(value) - {f.name for f in dataclasses.fields(kind)}
+        if unknown:
+            raise ValueError(f"Acceleration.{name}: unknown {kind.__name__} option(s) {', '.join(sorted(unknown))}")
+        kind(**(_todo_kwargs(value) if name == "todo" else value))  # its own checks (ValueError)
+
+
+def _check_int8(acc: Acceleration) -> None:
+    int8 = acc.int8
+    if int8 is None or int8 == "dynamic":
+        return
+    if not (isinstance(int8, dict) and isinstance(int8.get("path"), str)):
+        raise ValueError("Acceleration.int8 must be None, 'dynamic' or {'path': <saved calibration>, ...}, "
+                         f"got {int8!r}")
+    unknown = set(int8) - set(INT8_KEYS)
+    if unknown:
+        raise ValueError(f"Acceleration.int8: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(INT8_KEYS)})")
+    groups = int8.get("groups", "auto")
+    if not (groups in ("auto", "steps") or (isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1)):
+        raise ValueError(f"Acceleration.int8.groups must be 'auto', 'steps' or an int >= 1, got {groups!r}")
+
+
+def _check_thresholds(acc: Acceleration) -> None:
+    for name, (low, high, low_allowed) in THRESHOLDS.items():
+        value = getattr(acc, name)
+        if value is None:
+            continue
+        above = _is_number(value) and (value >= low if low_allowed else value > low)
+        if not (above and value <= high and math.isfinite(value)):
+            bounds = f"{'[' if low_allowed else '('}{low:g}, {high:g}{']' if math.isfinite(high) else ')'}"
+            raise ValueError(f"Acceleration.{name} must be None or a finite number in {bounds}, got {value!r}")
 
 
 def resolve(config: Acceleration | str | Path | dict | None) -> tuple[Acceleration | None, Path | None]:

@@ -222,7 +222,7 @@ def _step_cache(model: Any, option: float | bool | None):
         raise TypeError(f"step_cache must be None, True or a threshold (a number >= 0), got {option!r}")
     threshold = DEFAULT_STEP_CACHE if option is True else float(option)
     if not math.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"step_cache must be a finite threshold >= 0, got {option!r}")
+        raise ValueError(f"step_cache must be a finite, non-negative threshold, got {option!r}")
     caching.install(model)
     return caching.StepCache(threshold)
 

@@ -30,9 +30,17 @@ Classifier-free guidance (``cfg_type``; epsilon-prediction models for the residu
 The stochastic similarity filter (``similarity_threshold``): an input frame whose cosine
 similarity c to the previous input gives skip probability max(0, 1 - (1 - c) / (1 - threshold));
 a skipped frame returns the previous output without a model call, at most ``max_skip_frames`` in a
-row. Queues: :meth:`start` runs ticks on a worker thread fed by :meth:`submit` (a bounded queue:
-it blocks, or raises queue.Full after ``timeout``); :meth:`get` returns results in order;
-:meth:`close` drains the frames in flight (n - 1 bubble ticks) so none is lost. ``deadline``
+row. Queues (:mod:`diffrt.runtime.stream_queues`): :meth:`start` runs ticks on a worker thread fed by
+:meth:`submit` (a bounded queue: it blocks, or raises queue.Full after ``timeout``); :meth:`get`
+returns results in order; :meth:`close` drains the frames in flight (n - 1 bubble ticks) so none is
+lost; every ``timeout`` holds, and a closed pipeline starts again as a fresh stream.
+
+Faults stay with their frame. A frame is checked before it enters (:meth:`check_frame`: shape, dtype,
+finite values; ValueError / TypeError, the pipeline untouched). A frame whose tick raises is retried
+as an empty slot: if that tick works, the frame was at fault and the others go on; if not, the model
+is and the error is raised (the pipeline as before the tick, so it can still be drained). A frame
+whose latents or image go non-finite has its rows reset. Either way it comes out in its slot as a
+result with ``error`` (why) and no image. ``deadline``
 (:class:`~diffrt.runtime.deadline.DeadlinePolicy`) degrades guidance, layers, caching and skipping
 to keep a per-frame time budget instead of dropping frames. ``early_exit`` (an uncertainty threshold)
 runs a model with exit heads through layer early exit (not with ``cuda_graphs``); ``exit_stats``.
@@ -41,8 +49,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -51,23 +57,34 @@ import torch
 from .denoiser import Denoiser
 from .early_exit import ExitState, exiting, has_exit_heads
 from .solvers.lcm import boundary_scalings, lcm_timesteps, lcm_x0
+from .stream_faults import StreamFaults
+from .stream_queues import StreamQueues, StreamWorkerError
+
+__all__ = ["StreamPipeline", "StreamResult", "StreamStats", "StreamWorkerError", "offline_frame", "vae_codec"]
 
 log = logging.getLogger(__name__)
 
 CFG_TYPES = ("none", "full", "self", "initialize")
-_CLOSE = object()
 _EMPTY = object()  # the condition of an empty stage
 
 
 @dataclass
 class StreamResult:
-    """One tick's output: the frame id that completed and its image, or ``ready=False`` while filling."""
+    """One tick's output: the frame id that completed and its image, or ``ready=False`` while filling.
+    A frame that failed comes out in its slot with ``frame_id``, ``error`` (why) and no image
+    (``ready=False``, so a consumer that only looks at ``ready`` never gets a broken image)."""
 
     frame_id: int | None
     image: torch.Tensor | None
     ready: bool
     skipped: bool = False  # the similarity filter skipped this frame: ``image`` is the previous output
     degradation: str | None = None  # the deadline policy's rung in force for this tick
+    error: str | None = None  # why this frame failed (None: it did not)
+
+    @property
+    def failed(self) -> bool:
+        """Whether this is a frame's error result."""
+        return self.error is not None
 
 
 @dataclass
@@ -80,11 +97,12 @@ class StreamStats:
     rows: list[int] = field(default_factory=list)  # model batch rows per call
 
 
-class StreamPipeline:
+class StreamPipeline(StreamFaults, StreamQueues):
     """Stream Batch over ``den`` (module docstring). ``cond`` is the default condition of each frame
     (a frame's own ``cond`` in :meth:`tick` / :meth:`submit` overrides it); ``uncond`` the
     unconditional one for CFG; ``encode`` / ``decode`` map frames to latents and back (identity by
-    default: a pixel-space model)."""
+    default: a pixel-space model). ``frame_shape``: what a frame must be (without a leading batch dim
+    of 1); by default the latent shape without ``encode``, else the shape of the first frame that ticks."""
 
     def __init__(self, den: Denoiser, t_index_list: tuple[int, ...] = (32, 45), num_inference_steps: int = 50,
                  cond: Any = None, uncond: Any = None, guidance_scale: float = 1.0, cfg_type: str = "none",
@@ -93,7 +111,7 @@ class StreamPipeline:
                  queue_size: int = 8, seed: int = 0, original_inference_steps: int = 50,
                  timestep_scaling: float = 10.0, latent_shape: tuple[int, ...] | None = None,
                  device: torch.device | str | None = None, cuda_graphs: bool = False, deadline: Any = None,
-                 early_exit: float | None = None):
+                 early_exit: float | None = None, frame_shape: tuple[int, ...] | None = None):
         if cfg_type not in CFG_TYPES:
             raise ValueError(f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {cfg_type!r}")
         if cfg_type != "none" and uncond is None and cfg_type != "self":
@@ -123,6 +141,8 @@ class StreamPipeline:
 
         self.a, self.b, self.c_skip, self.c_out, self.x_coef, self.m_coef = (column(i) for i in range(6))
         self.latent_shape = tuple(latent_shape or den.sample_shape)
+        self.frame_shape = tuple(frame_shape) if frame_shape is not None else \
+            (self.latent_shape if encode is None else None)
         self.generator = torch.Generator().manual_seed(seed)
         self.init_noise = torch.randn(self.stages, *self.latent_shape, generator=self.generator).to(self.device)
         self.similarity_threshold, self.max_skip_frames = similarity_threshold, max_skip_frames
@@ -141,10 +161,7 @@ class StreamPipeline:
 
             self._run_tick = GraphRunner(self._tick_tensors)  # eager, logged, off CUDA
         self.reset()
-        self._inputs: queue.Queue = queue.Queue(maxsize=queue_size)
-        self._outputs: queue.Queue = queue.Queue()
-        self._worker: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._init_queues(queue_size)
 
     # ------------------------------------------------------------------------------- the tick
     def reset(self) -> None:
@@ -156,6 +173,7 @@ class StreamPipeline:
         self.previous_frame, self.previous_output, self.skip_run = None, None, 0
         self._last_entry = None
         self.next_id = 0
+        self.failures: dict[int, str] = {}  # frames in flight that failed: id -> why (they leave as error results)
 
     def _bcast(self, v: torch.Tensor, rows: int) -> torch.Tensor:
         return v[:rows].reshape(rows, *([1] * len(self.latent_shape)))
@@ -163,7 +181,7 @@ class StreamPipeline:
     def _entry(self, frame: torch.Tensor | None) -> torch.Tensor:
         """What enters stage 0: the frame (img2img; encoded in the tick) or fresh seeded noise."""
         if self.img2img and frame is not None:
-            return frame.to(self.device).reshape(1, *frame.shape[-3:]).float()
+            return frame.to(self.device).reshape(1, *self._unbatched_shape(frame)).float()
         return torch.randn(1, *self.latent_shape, generator=self.generator).to(self.device)
 
     def _conds(self, conds: list[Any]) -> Any:
@@ -232,38 +250,96 @@ class StreamPipeline:
         return torch.cat([self.init_noise[1:], self.init_noise[:1]]) + delta_x
 
     def tick(self, frame: torch.Tensor | None = None, cond: Any = None, bubble: bool = False) -> StreamResult:
-        """Push one frame (or, with ``bubble``, nothing: drain) through one batched model call."""
+        """Push one frame (or, with ``bubble``, nothing: drain) through one batched model call. A frame the
+        pipeline cannot take raises before anything changes (:meth:`check_frame`); one that fails in its
+        tick comes out in its slot as an error result; an error the model raises even without the frame
+        is raised, the pipeline left as it was before the tick."""
+        if bubble:
+            with self._rollback():
+                return self._bubble()
+        return self._tick_frame(self.check_frame(frame), cond)
+
+    def _tick_queued(self, frame: torch.Tensor | None, cond: Any, frame_id: int) -> StreamResult:
+        """A submitted frame's tick in the worker: a frame that cannot enter takes its slot as an error."""
+        try:
+            frame = self.check_frame(frame)
+        except (TypeError, ValueError) as error:
+            return self._tick_without_frame(error)
+        return self._tick_frame(frame, cond)
+
+    def _tick_frame(self, frame: torch.Tensor | None, cond: Any) -> StreamResult:
+        try:
+            with self._rollback():
+                return self._enter(frame, cond)
+        except Exception as error:  # noqa: BLE001 - the frame or the model: the retry without it tells
+            return self._tick_without_frame(error)
+
+    def _tick_without_frame(self, error: Exception) -> StreamResult:
+        """The tick with the failed frame's slot empty: the others go on, the frame leaves as an error
+        result. If this tick fails too, the model fails on its own: ``error`` is raised."""
+        reason = f"{type(error).__name__}: {error}"
+        log.warning("stream: frame %d failed (%s); it leaves as an error result", self.next_id, reason)
+        try:
+            with self._rollback():
+                return self._enter_failed(reason)
+        except Exception as retry_error:  # noqa: BLE001 - reported, then the first error is raised
+            log.error("stream: the tick fails without frame %d too (%s: %s): the model fails on its own",
+                      self.next_id, type(retry_error).__name__, retry_error)
+        raise error
+
+    def _enter(self, frame: torch.Tensor | None, cond: Any) -> StreamResult:
         self.stats.ticks += 1
-        if not bubble:
-            self.stats.frames += 1
-            frame_id, self.next_id = self.next_id, self.next_id + 1
-            if self._skip(frame):
-                return StreamResult(frame_id, self.previous_output, True, skipped=True)
-        else:
-            frame_id = None
-            if self.next_id == 0:  # nothing has entered: nothing to drain
-                return StreamResult(None, None, False)
-        entry = self._entry(None if bubble else frame)
-        if bubble and self.img2img:
-            entry = torch.zeros_like(self._last_entry) if self._last_entry is not None else entry
-        self._last_entry = entry
-        entry_cond = _EMPTY if bubble else _as_row(self.cond if cond is None else cond, self.device)
+        self.stats.frames += 1
+        frame_id, self.next_id = self.next_id, self.next_id + 1
+        if self._skip(frame):
+            return StreamResult(frame_id, self.previous_output, True, skipped=True)
+        result = self._advance(self._entry(frame), _as_row(self.cond if cond is None else cond, self.device), frame_id)
+        if self.frame_shape is None and self.img2img and frame is not None:
+            self.frame_shape = self._unbatched_shape(frame)  # the first frame that ticked fixes the shape
+        return result
+
+    def _enter_failed(self, reason: str) -> StreamResult:
+        self.stats.ticks += 1
+        self.stats.frames += 1
+        frame_id, self.next_id = self.next_id, self.next_id + 1
+        self.failures[frame_id] = reason
+        return self._advance(self._blank_entry(), _EMPTY, frame_id)
+
+    def _bubble(self) -> StreamResult:
+        self.stats.ticks += 1
+        if self.next_id == 0:  # nothing has entered: nothing to drain
+            return StreamResult(None, None, False)
+        entry = self._entry(None)
+        if self.img2img and self._last_entry is not None:
+            entry = torch.zeros_like(self._last_entry)
+        return self._advance(entry, _EMPTY, None)
+
+    def _advance(self, entry: torch.Tensor, entry_cond: Any, frame_id: int | None) -> StreamResult:
+        """One batched model call: ``entry`` enters stage 0, every frame moves one stage, the last leaves."""
         ids, conds = [frame_id, *self.buffer_ids], [entry_cond, *self.buffer_conds]
         cond_rows = self._conds(conds)
         started = self.deadline.start() if self.deadline is not None else None
         rung = None if self.deadline is None else self.deadline.rung
         with torch.no_grad(), self._exits():
-            image, self.buffer, self.stock_noise = self._run_tick(entry, self.buffer, self.stock_noise,
-                                                                  *([] if cond_rows is None else [cond_rows]))
+            image, buffer, stock = self._run_tick(entry, self.buffer, self.stock_noise,
+                                                  *([] if cond_rows is None else [cond_rows]))
+        self.buffer, self.stock_noise = self._contain_nonfinite(ids, image, buffer, stock)
+        self._last_entry = entry
         self.stats.model_calls += 1
         self.stats.rows.append(self.rows_per_call)
         if self.deadline is not None:
             self.deadline.observe(self, started)
         self.buffer_ids, self.buffer_conds = ids[:-1], conds[:-1]
-        if ids[-1] is None:
+        return self._leave(ids[-1], image, rung)
+
+    def _leave(self, frame_id: int | None, image: torch.Tensor, rung: str | None) -> StreamResult:
+        if frame_id is None:
             return StreamResult(None, None, False)
+        error = self.failures.pop(frame_id, None)
+        if error is not None:
+            return StreamResult(frame_id, None, False, degradation=rung, error=error)
         self.previous_output = image
-        return StreamResult(ids[-1], image, True, degradation=rung)
+        return StreamResult(frame_id, image, True, degradation=rung)
 
     @property
     def supports_early_exit(self) -> bool:
@@ -305,64 +381,6 @@ class StreamPipeline:
             return True
         self.skip_run = 0
         return False
-
-    # ------------------------------------------------------------------------------- the queues
-    def start(self) -> StreamPipeline:
-        """Run ticks on a worker thread: :meth:`submit` frames, :meth:`get` results, :meth:`close` at the end."""
-        if self._worker is not None:
-            raise RuntimeError("the stream is already running")
-        self._worker = threading.Thread(target=self._run, name="diffrt-stream", daemon=True)
-        self._worker.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            while True:
-                item = self._inputs.get()
-                if item is _CLOSE:
-                    for _ in range(self.stages - 1):
-                        result = self.tick(bubble=True)
-                        if result.ready:
-                            self._outputs.put(result)
-                    break
-                result = self.tick(*item)
-                if result.ready:
-                    self._outputs.put(result)
-        except BaseException as error:  # noqa: BLE001 - handed to the consumer, never lost in the thread
-            self._error = error
-            log.exception("stream worker failed")
-        finally:
-            self._outputs.put(_CLOSE)
-
-    def submit(self, frame: torch.Tensor | None, cond: Any = None, timeout: float | None = None) -> None:
-        """Queue a frame; blocks while the input queue is full (``timeout``: raise queue.Full after it)."""
-        if self._worker is None:
-            raise RuntimeError("start() the stream before submit()")
-        if self._error is not None:
-            raise RuntimeError("the stream worker failed") from self._error
-        self._inputs.put((frame, cond), timeout=timeout)
-
-    def get(self, timeout: float | None = None) -> StreamResult | None:
-        """The next result in frame order, or None once the stream is closed and drained."""
-        item = self._outputs.get(timeout=timeout)
-        if item is _CLOSE:
-            self._outputs.put(_CLOSE)  # later get()s see the end too
-            if self._error is not None:
-                raise RuntimeError("the stream worker failed") from self._error
-            return None
-        return item
-
-    def close(self, timeout: float | None = None) -> list[StreamResult]:
-        """Stop taking frames, finish the ones in flight; returns the results not yet taken with get()."""
-        if self._worker is None:
-            return []
-        self._inputs.put(_CLOSE)
-        rest = []
-        while (result := self.get(timeout=timeout)) is not None:
-            rest.append(result)
-        self._worker.join(timeout)
-        self._worker = None
-        return rest
 
 
 def vae_codec(vae) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:

@@ -10,6 +10,7 @@ def pytest_configure(config):
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors, interpreted
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "fuzz_long: the long fuzz variants (DIFFRT_FUZZ_LONG=1; see README, Tests)")
     # diffusers' schedulers call numpy on torch tensors in ways numpy 2 deprecates: not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore:__array:DeprecationWarning")
 
@@ -17,9 +18,11 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    long_fuzz = os.environ.get("DIFFRT_FUZZ_LONG") == "1"
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_long = pytest.mark.skip(reason="a long fuzz variant: DIFFRT_FUZZ_LONG=1 runs it")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "fuzz_long" in item.keywords and not long_fuzz:
+            item.add_marker(skip_long)

@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                       "diffrt.runtime.solvers", "diffrt.runtime.sampler", "diffrt.runtime.early_exit",
                       "diffrt.runtime.graphs", "diffrt.runtime.step_cache", "diffrt.runtime.linear_ag",
                       "diffrt.runtime.attention", "diffrt.runtime.deadline", "diffrt.runtime.stream",
+                      "diffrt.runtime.stream_faults", "diffrt.runtime.stream_queues",
                       "diffrt.runtime.quality_stats", "diffrt.runtime.conditions", "diffrt.runtime.diffusers_models")),
     ("export", ("diffrt.export",)),
     ("optimize", ("diffrt.runtime", "diffrt.runtime.optimized", "diffrt.runtime.acceleration",

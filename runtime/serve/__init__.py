@@ -6,8 +6,10 @@ Ray Serve deployment for scale-out (:mod:`diffrt.serve.ray`).
 
 or ``diffrt serve --models digits-dit``. The pieces: :mod:`~diffrt.serve.schema` (requests),
 :mod:`~diffrt.serve.engine` (models, samplers, the device lock), :mod:`~diffrt.serve.batcher`
-(dynamic batching, back-pressure, out-of-memory recovery), :mod:`~diffrt.serve.app` (routes,
-metrics, streams). fastapi, uvicorn, prometheus-client and pillow come with the ``serve`` extra,
+(dynamic batching, back-pressure, out-of-memory recovery, requests of disconnected clients dropped),
+:mod:`~diffrt.serve.app` (routes, metrics), :mod:`~diffrt.serve.middleware` (request ids, the body
+limit while reading, the catch-all 500), :mod:`~diffrt.serve.websocket` (streams: slots, close
+codes, idle timeout), :mod:`~diffrt.serve.checks` (unknown models at startup, plans a model cannot run). fastapi, uvicorn, prometheus-client and pillow come with the ``serve`` extra,
 ray with the ``ray`` extra; nothing here is imported by ``diffrt.runtime``.
 """
 from .engine import Engine, RequestError, ServeConfig, Unavailable

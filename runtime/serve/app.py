@@ -6,32 +6,42 @@
   ``X-Diffrt-Latency-Ms`` say how it ran. 4xx with a message for what cannot be served (unknown
   model, acceleration or solver, the wrong kind of condition, NaN, a body over the size limit),
   503 + ``Retry-After`` when the queue is full or a batch ran out of GPU memory.
-* ``WS /v1/stream``: first a JSON :class:`~diffrt.serve.schema.StreamConfig`, then binary .npy
-  frames [C, H, W] in; per frame one message out: the output frame (.npy, binary) or, while the
-  stream batch fills, ``{"ready": false}``. A stream holds one of ``max_streams`` slots until the
-  client disconnects (busy: closed with code 1013, "try again later").
+* ``WS /v1/stream`` (:mod:`~diffrt.serve.websocket`): first a JSON :class:`~diffrt.serve.schema.StreamConfig`,
+  then binary .npy frames [C, H, W] in; per frame one message out: the output frame (.npy, binary)
+  or, while the stream batch fills, ``{"ready": false}``. A stream holds one of ``max_streams``
+  slots until it ends (a full house: accepted, then closed with code 1013, "try again later");
+  errors close with a code and a reason (1003, 1007, 1008, 1009, 1011), idle streams after
+  ``stream_idle_timeout_s``.
 * ``GET /healthz`` (:class:`~diffrt.serve.schema.Health`), ``GET /metrics`` (Prometheus text:
   ``diffrt_queue_depth``, ``diffrt_batch_size``, ``diffrt_request_seconds``,
   ``diffrt_requests_total{status}``, ``diffrt_streams_active``, ``diffrt_gpu_memory_bytes``).
+
+Every HTTP answer carries ``X-Request-Id``; the body limit is enforced while the body is read and an
+unexpected error is a logged 500 with the request id (:mod:`~diffrt.serve.middleware`). A request
+whose client disconnects before its batch runs is dropped from the queue (its batcher future is
+cancelled), so abandoned requests do not delay the next ones.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
-import threading
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import ValidationError
 
 from .batcher import Batcher
-from .engine import Engine, RequestError, ServeConfig, Unavailable, decode_npy, encode_npy
-from .schema import GenerateRequest, Health, LatentsResponse, StreamConfig
+from .engine import Engine, RequestError, Result, ServeConfig, Unavailable
+from .middleware import BodyTooLarge, ServeMiddleware, request_id_of
+from .schema import GenerateRequest, Health, LatentsResponse
+from .websocket import StreamServer
 
 log = logging.getLogger(__name__)
+
+CLIENT_CLOSED = 499  # the client went away before its answer (nginx's code; nobody reads it, the metrics count it)
 
 
 class Metrics:
@@ -63,11 +73,58 @@ def _error(status: int, message: str, retry_after: float | None = None) -> JSONR
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return once the client has disconnected (the body is read: the next message is the disconnect)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0.01)
+    except Exception:  # noqa: BLE001 - the server cannot tell: wait for the result alone
+        log.debug("serve: cannot watch request %s for a disconnect", request_id_of(request.scope), exc_info=True)
+        await asyncio.Event().wait()
+
+
+async def result_unless_disconnected(request: Request, future: concurrent.futures.Future) -> Result | None:
+    """The batcher's result, or None when the client disconnects first: then (and when this coroutine is
+    cancelled) the future is cancelled, so the batcher drops the request before it reaches a batch."""
+    result = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not result.done():
+            future.cancel()  # a running batch is not stopped; a queued request is dropped
+            result.cancel()
+    return result.result() if result.done() and not result.cancelled() else None
+
+
+def _answer(body: GenerateRequest, result: Result) -> Response:
+    headers = {"X-Diffrt-Batch-Size": str(result.batch_size), "X-Diffrt-Latency-Ms": f"{result.latency_ms:.2f}"}
+    if body.output == "png":
+        return Response(result.png(), media_type="image/png", headers=headers)
+    return JSONResponse(LatentsResponse(shape=list(result.sample.shape), npy_base64=result.npy_base64(),
+                                        batch_size=result.batch_size, latency_ms=result.latency_ms).model_dump(),
+                        headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        # the messages only: the offending input is not echoed (it may hold NaN, which JSON cannot carry)
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in error.errors()]
+        message = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
+        return JSONResponse({"error": f"invalid request: {message}", "detail": details}, status_code=422)
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, error: BodyTooLarge) -> JSONResponse:
+        return JSONResponse({"error": error.detail}, status_code=413, headers={"Connection": "close"})
+
+
 def create_app(config: ServeConfig | None = None) -> FastAPI:
-    """The application; its engine and batcher start with it and stop (draining the queue) with it."""
+    """The application; its engine and batcher start with it and stop (draining the queue) with it.
+    An unknown model in ``config.models`` raises ValueError here (naming the available ones)."""
     config = config or ServeConfig()
     engine = Engine(config)
-    slots = threading.BoundedSemaphore(config.max_streams) if config.max_streams else None
     state: dict = {}
 
     @asynccontextmanager
@@ -80,57 +137,35 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
     metrics = Metrics(engine, lambda: state["batcher"].depth)
     state["batcher"] = Batcher(engine, config.max_batch, config.max_wait_ms, config.max_queue, config.retry_after_s,
                                on_batch=metrics.observe_batch)
+    streams = StreamServer(engine, config, metrics)
     app.state.engine, app.state.metrics, app.state.batcher = engine, metrics, state["batcher"]
-    app.state.streams = 0
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        # the messages only: the offending input is not echoed (it may hold NaN, which JSON cannot carry)
-        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in error.errors()]
-        message = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
-        return JSONResponse({"error": f"invalid request: {message}", "detail": details}, status_code=422)
-
-    @app.middleware("http")
-    async def limit_and_count(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
-            response = _error(413, f"the body is {length} bytes; at most {config.max_body_bytes}")
-        else:
-            with metrics.request_seconds.time():
-                response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            metrics.requests.labels(str(response.status_code)).inc()
-        return response
+    app.state.stream_server = streams
+    app.add_middleware(ServeMiddleware, max_body_bytes=config.max_body_bytes, metrics=metrics)
+    _install_error_handlers(app)
 
     @app.post("/v1/generate", response_model=LatentsResponse,
               responses={200: {"content": {"image/png": {}}, "description": "a PNG, or the latents as JSON"},
                          400: {"description": "a request this server cannot serve as asked"},
                          404: {"description": "unknown model"}, 413: {"description": "body too large"},
+                         500: {"description": "an unexpected error: the body and X-Request-Id name the logged request"},
                          503: {"description": "queue full or out of GPU memory: retry after Retry-After seconds"}})
-    async def generate(body: GenerateRequest):
+    async def generate(body: GenerateRequest, request: Request):
         try:
             await asyncio.to_thread(engine.check, body)  # may load the model (first use)
-            future = state["batcher"].submit(body)
-            result = await asyncio.wrap_future(future)
+            if await request.is_disconnected():
+                return _client_gone(request)
+            result = await result_unless_disconnected(request, state["batcher"].submit(body))
         except RequestError as error:
             return _error(error.status, str(error))
         except Unavailable as error:
             return _error(503, str(error), error.retry_after_s)
-        except Exception as error:  # noqa: BLE001 - a failed batch: a 500 with its message, the server goes on
-            log.exception("serve: generate failed")
-            return _error(500, f"{type(error).__name__}: {error}")
-        headers = {"X-Diffrt-Batch-Size": str(result.batch_size), "X-Diffrt-Latency-Ms": f"{result.latency_ms:.2f}"}
-        if body.output == "png":
-            return Response(result.png(), media_type="image/png", headers=headers)
-        return JSONResponse(LatentsResponse(shape=list(result.sample.shape), npy_base64=result.npy_base64(),
-                                            batch_size=result.batch_size, latency_ms=result.latency_ms).model_dump(),
-                            headers=headers)
+        return _client_gone(request) if result is None else _answer(body, result)
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:
         return Health(status="ok", models=list(config.models), accelerations=list(config.accelerations),
                       device=str(engine.device), queue_depth=state["batcher"].depth,
-                      max_batch=state["batcher"].max_batch, streams=app.state.streams)
+                      max_batch=state["batcher"].max_batch, streams=streams.active)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -138,36 +173,11 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
 
     @app.websocket("/v1/stream")
     async def stream(socket: WebSocket):
-        if slots is None or not slots.acquire(blocking=False):
-            await socket.close(code=1013, reason=f"all {config.max_streams} stream slots are busy; try again later")
-            return
-        app.state.streams += 1
-        metrics.streams.inc()
-        try:
-            await socket.accept()
-            try:
-                pipe = await asyncio.to_thread(engine.stream_pipeline, StreamConfig(**await socket.receive_json()))
-            except (ValidationError, RequestError, TypeError, ValueError) as error:
-                await socket.send_json({"error": str(error)})
-                await socket.close(code=1008)
-                return
-            await socket.send_json({"ready": False, "accepted": True})
-            while True:
-                data = await socket.receive_bytes()
-                try:
-                    result = await asyncio.to_thread(engine.stream_tick, pipe, decode_npy(data))
-                except RequestError as error:
-                    await socket.send_json({"error": str(error)})
-                    continue
-                if result.ready:
-                    await socket.send_bytes(encode_npy(result.image))
-                else:
-                    await socket.send_json({"ready": False})
-        except WebSocketDisconnect:
-            log.info("serve: a stream client disconnected; its slot is free")
-        finally:
-            app.state.streams -= 1
-            metrics.streams.dec()
-            slots.release()
+        await streams.handle(socket)
 
     return app
+
+
+def _client_gone(request: Request) -> Response:
+    log.info("serve: request %s: the client disconnected; dropped before its batch", request_id_of(request.scope))
+    return Response(status_code=CLIENT_CLOSED)

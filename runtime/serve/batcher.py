@@ -7,7 +7,8 @@ waited ``max_wait_ms`` (so a lone request waits at most that long). The queue is
 holds ``max_queue`` requests, ``submit`` raises :class:`~diffrt.serve.engine.Unavailable` (the
 server answers 503 with Retry-After) instead of growing. A CUDA out-of-memory error fails that
 batch's requests with Unavailable, frees the allocator's cache and halves ``max_batch`` (logged), so
-the server keeps serving smaller batches.
+the server keeps serving smaller batches. A cancelled future (the server cancels it when the client
+disconnects) leaves the queue at once: it never reaches a batch and frees its place in the queue.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from .schema import GenerateRequest
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)  # an item is itself: the queue finds and removes it by identity
 class _Item:
     request: GenerateRequest
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
@@ -63,7 +64,22 @@ class Batcher:
             self._groups.setdefault(self.engine.key(request), []).append(item)
             self._count += 1
             self._cond.notify()
+        item.future.add_done_callback(lambda future: self._forget(item) if future.cancelled() else None)
         return item.future
+
+    def _forget(self, item: _Item) -> None:
+        """Drop a cancelled request from the queue (nothing to do when it has left for a batch already)."""
+        with self._cond:
+            key = self.engine.key(item.request)
+            items = self._groups.get(key, [])
+            if item not in items:
+                return
+            items.remove(item)
+            if not items:
+                del self._groups[key]
+            self._count -= 1
+            self._cond.notify()
+        log.debug("serve: a cancelled request left the queue (%d waiting)", self._count)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop taking requests; the queued ones still run; join the worker."""

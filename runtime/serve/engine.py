@@ -33,6 +33,7 @@ from diffrt.bench import zoo
 from diffrt.runtime.acceleration import Acceleration
 from diffrt.runtime.denoiser import Denoiser
 
+from .checks import check_model_names, plan_problem
 from .schema import GenerateRequest, StreamConfig
 
 log = logging.getLogger(__name__)
@@ -69,10 +70,13 @@ class ServeConfig:
     max_streams: int = 4
     max_body_bytes: int = 8 << 20
     retry_after_s: float = 1.0
+    stream_idle_timeout_s: float = 30.0  # a stream that sends no config / no next frame this long is closed
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.max_streams < 0 or self.max_wait_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1, max_streams and max_wait_ms >= 0")
+        if self.max_body_bytes < 1 or not self.stream_idle_timeout_s > 0:
+            raise ValueError("max_body_bytes must be >= 1 and stream_idle_timeout_s > 0")
         self.accelerations = {name: _acceleration(value) for name, value in self.accelerations.items()}
 
 
@@ -156,6 +160,7 @@ class Engine:
     """Models, samplers and the device lock of one server process (module docstring)."""
 
     def __init__(self, config: ServeConfig):
+        check_model_names(tuple(config.models))
         self.config = config
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.lock = threading.Lock()
@@ -163,6 +168,8 @@ class Engine:
         self._optimized: dict[tuple[str, str], Any] = {}
         self._samplers: OrderedDict[tuple, Any] = OrderedDict()
         self._load_lock = threading.Lock()
+        self._plan_problems: dict[tuple[str, str, int], str | None] = {}  # bounded: models x solvers x steps
+        self._plan_lock = threading.Lock()  # one check at a time: diffusers' lazy imports are not thread-safe
 
     # ------------------------------------------------------------------ requests
 
@@ -192,6 +199,7 @@ class Engine:
             if pinned is not None and pinned != getattr(request, option):
                 raise RequestError(400, f"acceleration {request.acceleration!r} samples with {option}={pinned!r} (its "
                                         f"tuned plan); ask for {option}={pinned!r} or another acceleration")
+        self._check_plan(request.model, workload, acc.solver or request.solver, acc.steps or request.steps)
         example = workload.make_cond(1, 0)
         if torch.is_tensor(example) and example.dim() == 1:  # class labels
             if request.cond is not None:
@@ -209,6 +217,16 @@ class Engine:
         if request.output == "png" and not self.pixels(workload):
             raise RequestError(400, f"{request.model} samples latents, not pixels: ask for output='latents'")
         return workload
+
+    def _check_plan(self, model: str, workload: zoo.Workload, solver: str, steps: int) -> None:
+        """RequestError (400) when ``solver`` cannot sample ``model`` in ``steps`` steps (LCM beyond its
+        distillation grid, a flow solver on a noise-prediction model, ...), saying what to ask for instead."""
+        key = (model, solver, steps)
+        with self._plan_lock:
+            if key not in self._plan_problems:
+                self._plan_problems[key] = plan_problem(model, workload, solver, steps)
+        if self._plan_problems[key] is not None:
+            raise RequestError(400, self._plan_problems[key])
 
     @staticmethod
     def pixels(workload: zoo.Workload) -> bool:

@@ -3,12 +3,20 @@ OpenAPI schema at ``/openapi.json`` says the same as the validation)."""
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_STEPS = 200
 MAX_COND_VALUES = 1 << 20  # 4 MiB of float32 conditioning per request
+
+
+def _finite(value: float | str) -> bool:
+    """Whether a number (or its text) is finite; text that is no number passes (the type check refuses it)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return True
 
 
 class GenerateRequest(BaseModel):
@@ -26,11 +34,13 @@ class GenerateRequest(BaseModel):
     acceleration: str = Field("exact", description="a named acceleration config the server offers")
     output: Literal["png", "latents"] = Field("png", description="a PNG image, or the raw sample as float32 .npy")
 
-    @field_validator("guidance_scale")
+    @field_validator("guidance_scale", mode="before")
     @classmethod
-    def _finite_scale(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("guidance_scale must be finite")
+    def _finite_scale(cls, value: Any) -> Any:
+        """Before the range check, so NaN is refused as not finite (NaN <= 50 would say "at most 50")."""
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and not _finite(value):
+            raise ValueError(f"guidance_scale must be a finite number, got {value}; give one in 0-50, or null for "
+                             "no guidance")
         return value
 
     @field_validator("cond")

@@ -68,9 +68,14 @@ def _finite(plan: SolverPlan, schedule: NoiseSchedule) -> SolverPlan:
     return plan
 
 
+MAX_STEPS = 10_000  # a plan is a host table per step: more than this is a mistake, not a sampler
+
+
 def _check_steps(steps: int) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"num_inference_steps must be a positive int, got {steps!r}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"num_inference_steps={steps} is more than diffrt plans ({MAX_STEPS})")
     return steps
 
 
