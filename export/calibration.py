@@ -313,20 +313,18 @@ def calibrate(den, solver: str = "dpmpp-2m", steps: int = 20, cond: Sequence[Any
     """
     from diffrt.runtime.sampler import Sampler  # noqa: PLC0415
 
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if smoothquant is not None and not 0 < smoothquant < 1:
-        raise ValueError(f"smoothquant is the migration strength alpha in (0, 1), got {smoothquant}")
-    if cond is None:
-        raise ValueError("calibrate needs cond: the calibration conditions (class labels, prompt embeddings)")
-    model = den.model
+    model = _check_denoiser(den)
+    _check_numbers(guidance_scale, method, percentile, smoothquant, tolerance, batch_size, seed)
+    seeds = _check_seeds(seeds)
+    cond = _check_conditions(cond, uncond, guidance_scale)
+    sampler = Sampler(den, solver, steps, guidance_scale=guidance_scale, **solver_options)  # solver, steps, options
+    plan_steps = sampler.plan.steps
+    _check_groups(groups, plan_steps)
+    sampler._check_conditions(cond, uncond, len(cond))  # class labels in range: refused before any batch runs
     names = (policy or QuantPolicy()).select(model)
     if not names:
         raise ValueError(f"{type(model).__name__} has no Linear / 1x1 conv layers the policy quantizes")
     modules = dict(model.named_modules())
-    sampler = Sampler(den, solver, steps, guidance_scale=guidance_scale, **solver_options)
-    plan_steps = sampler.plan.steps
-    cond = torch.as_tensor(cond) if not torch.is_tensor(cond) else cond
     runs = [(s, start) for s in seeds for start in range(0, len(cond), batch_size)]
     recorder = _Recorder({n: modules[n] for n in names}, plan_steps, seed)
     device = den.device or torch.device("cpu")
@@ -352,6 +350,88 @@ def calibrate(den, solver: str = "dpmpp-2m", steps: int = 20, cond: Sequence[Any
              max(step_groups) + 1, groups, method, f", SmoothQuant alpha {smoothquant}" if smoothquant else "")
     return Calibration(model_hash(model), [float(t) for t in sampler.plan.timesteps()], step_groups, scales,
                        inv_smooth, meta)
+
+
+def _option_error(name: str, expected: str, value: Any) -> ValueError:
+    return ValueError(f"calibrate: {name} must be {expected}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_denoiser(den: Any) -> torch.nn.Module:
+    """The model of ``den``, which must be a Denoiser around an nn.Module (its layers get the hooks)."""
+    from diffrt.runtime.denoiser import Denoiser  # noqa: PLC0415
+
+    if not isinstance(den, Denoiser):
+        raise TypeError(f"calibrate: den must be a diffrt Denoiser, got {type(den).__name__}")
+    if not isinstance(den.model, torch.nn.Module):
+        raise TypeError(f"calibrate: den.model must be a torch.nn.Module (its layers are calibrated), "
+                        f"got {type(den.model).__name__}")
+    if den.sample_shape is None:
+        raise ValueError("calibrate: den.sample_shape is unknown; give the Denoiser a sample_shape")
+    return den.model
+
+
+def _check_numbers(guidance_scale: Any, method: Any, percentile: Any, smoothquant: Any, tolerance: Any,
+                   batch_size: Any, seed: Any) -> None:
+    """Raise ValueError naming the first scalar option of :func:`calibrate` out of its range."""
+    if guidance_scale is not None and not _is_real(guidance_scale):
+        raise _option_error("guidance_scale", "None or a finite number", guidance_scale)
+    if not isinstance(method, str) or method not in METHODS:
+        raise _option_error("method", f"one of {', '.join(METHODS)}", method)
+    if not _is_real(percentile) or not 0 < percentile <= 100:
+        raise _option_error("percentile", "a number in (0, 100]", percentile)
+    if smoothquant is not None and (not _is_real(smoothquant) or not 0 < smoothquant < 1):
+        raise _option_error("smoothquant", "None or the migration strength alpha in (0, 1)", smoothquant)
+    if not _is_real(tolerance) or tolerance <= 0:
+        raise _option_error("tolerance", "a finite positive number", tolerance)
+    if not _is_int(batch_size) or batch_size < 1:
+        raise _option_error("batch_size", "a positive int", batch_size)
+    if not _is_int(seed) or not 0 <= seed < 2 ** 63:
+        raise _option_error("seed", "a non-negative int", seed)
+
+
+def _check_seeds(seeds: Any) -> list[int]:
+    """``seeds`` as a list: a non-empty sequence of non-negative ints."""
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence) or len(seeds) == 0:
+        raise _option_error("seeds", "a non-empty sequence of ints", seeds)
+    if not all(_is_int(s) and 0 <= s < 2 ** 62 for s in seeds):
+        raise _option_error("seeds", "a non-empty sequence of non-negative ints", seeds)
+    return list(seeds)
+
+
+def _check_conditions(cond: Any, uncond: Any, guidance_scale: Any) -> torch.Tensor:
+    """``cond`` as a tensor [N, ...] (N >= 1); ``uncond`` (a tensor) with 1 or N rows; uncond given for CFG."""
+    if cond is None:
+        raise ValueError("calibrate needs cond: the calibration conditions (class labels, prompt embeddings)")
+    if not torch.is_tensor(cond):
+        try:
+            cond = torch.as_tensor(cond)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"calibrate: cond must be a tensor [N, ...] or a list of conditions, "
+                            f"got {type(cond).__name__} ({error})") from error
+    if cond.ndim == 0 or len(cond) == 0:
+        raise _option_error("cond", "a non-empty batch of conditions [N, ...]", tuple(cond.shape))
+    if guidance_scale is not None and uncond is None:
+        raise ValueError("calibrate: guidance_scale is set, so uncond (the unconditional conditioning) is needed")
+    if torch.is_tensor(uncond) and (uncond.ndim == 0 or uncond.shape[0] not in (1, len(cond))):
+        raise ValueError(f"calibrate: uncond has shape {tuple(uncond.shape)}; cond has {len(cond)} rows: "
+                         f"give uncond 1 row or {len(cond)}")
+    return cond
+
+
+def _check_groups(groups: Any, plan_steps: int) -> None:
+    """``groups``: "steps", "auto", or an int in 1..plan_steps (module docstring)."""
+    if isinstance(groups, str) and groups in ("steps", "auto"):
+        return
+    if not _is_int(groups) or not 1 <= groups <= plan_steps:
+        raise _option_error("groups", f"an int in 1..{plan_steps} (the plan's steps), 'steps' or 'auto'", groups)
 
 
 def _choose_scales(recorder: _Recorder, modules, names, step_groups, method, percentile, smoothquant):

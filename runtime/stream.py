@@ -186,9 +186,10 @@ class StreamPipeline(StreamFaults, StreamQueues):
 
     def _conds(self, conds: list[Any]) -> Any:
         """The model's cond for the rows (each frame's, resolved when it entered). Empty stages (warm-up,
-        drain bubbles) borrow a real row's; None when no frame has one."""
-        real = [c for c in conds if c is not _EMPTY]
-        if not real or all(c is None for c in real):
+        drain bubbles, failed frames) borrow a real row's, or the pipeline's default ``cond`` when every stage
+        is empty (a conditional model is never called without one); None when no frame has one."""
+        real = [c for c in conds if c is not _EMPTY] or [_as_row(self.cond, self.device)]
+        if all(c is None for c in real):
             return None
         if any(c is None for c in real):
             raise ValueError("some frames have a condition and others none: give the pipeline a default cond")

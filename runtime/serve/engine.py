@@ -57,6 +57,10 @@ class Unavailable(Exception):
         self.retry_after_s = retry_after_s
 
 
+class StreamModelError(Exception):
+    """A stream tick failed because the model fails on its own (not because of the frame): the stream ends."""
+
+
 @dataclass
 class ServeConfig:
     """What a server loads and how it batches (the CLI's ``diffrt serve`` options)."""
@@ -339,13 +343,24 @@ class Engine:
                               device=self.device)
 
     def stream_tick(self, pipe, frame: torch.Tensor):
+        """One tick of ``pipe`` with ``frame``: its StreamResult (a frame that failed in the tick comes back as
+        a result with ``error``). A frame the stream cannot take raises RequestError(400) and changes nothing;
+        a tick that fails because the model fails on its own raises :class:`StreamModelError`."""
         expected = tuple(pipe.den.sample_shape) if getattr(pipe, "den", None) is not None else None
         if expected is not None and tuple(frame.shape) != expected:
             raise RequestError(400, f"a frame must be {list(expected)}, got {list(frame.shape)}")
         if not torch.isfinite(frame).all():
             raise RequestError(400, "the frame holds NaN or infinite values")
+        frame = frame.to(self.device)
+        try:
+            pipe.check_frame(frame)
+        except (TypeError, ValueError) as error:
+            raise RequestError(400, str(error)) from error
         with self.lock:
-            return pipe.tick(frame.to(self.device))
+            try:
+                return pipe.tick(frame)
+            except Exception as error:  # noqa: BLE001 - the frame passed its checks: the model failed on its own
+                raise StreamModelError(f"{type(error).__name__}: {error}") from error
 
     def memory_bytes(self) -> float:
         return float(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda" else math.nan

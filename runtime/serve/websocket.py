@@ -10,13 +10,17 @@ A connection is always accepted, then:
 * then binary .npy frames [C, H, W]: text there closes with 1003, bytes that are not a float .npy
   with 1007, a message over ``max_body_bytes`` with **1009** (too big); a frame of the wrong shape
   or holding NaN gets ``{"error": ...}`` and the stream goes on;
+* each tick answers with the finished frame's image (binary .npy), ``{"ready": false}`` while the
+  stages fill, or, for a frame that failed in the stream (its values overflowed, its tick raised),
+  ``{"error": ..., "frame": <frame id>}`` in its slot; the stream goes on;
+* a tick that fails because the model itself fails closes with **1011** and a reason saying why;
 * a client that sends nothing for ``stream_idle_timeout_s`` (no config, or no next frame) is
   closed with 1008, so an idle connection does not hold a slot;
 * an unexpected error closes with **1011** (internal error) and a reason carrying the request id
   (logged with its traceback).
 
-Every close says why in its reason; before a 1003 / 1007 / 1008 / 1009 the client also gets
-``{"error": ..., "code": ...}`` as a last message.
+Every close says why in its reason; before a 1003 / 1007 / 1008 / 1009, and a 1011 for a model failure,
+the client also gets ``{"error": ..., "code": ...}`` as a last message.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from typing import Any
 from fastapi import WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
-from .engine import Engine, RequestError, ServeConfig, decode_npy, encode_npy
+from .engine import Engine, RequestError, ServeConfig, StreamModelError, decode_npy, encode_npy
 from .middleware import request_id_of
 from .schema import StreamConfig
 
@@ -107,10 +111,27 @@ class StreamServer:
             except RequestError as error:  # the wrong shape, NaN: this frame is refused, the stream goes on
                 await socket.send_json({"error": str(error)})
                 continue
-            if result.ready:
-                await socket.send_bytes(encode_npy(result.image))
-            else:
-                await socket.send_json({"ready": False})
+            except StreamModelError as error:
+                raise self._model_failed(socket, error) from error
+            await self._send_result(socket, result)
+
+    @staticmethod
+    async def _send_result(socket: WebSocket, result: Any) -> None:
+        """A tick's result: the image (binary .npy), a failed frame's ``{"error", "frame"}``, or not ready yet."""
+        if result.error is not None:
+            await socket.send_json({"error": result.error, "frame": result.frame_id})
+        elif result.ready:
+            await socket.send_bytes(encode_npy(result.image))
+        else:
+            await socket.send_json({"ready": False})
+
+    @staticmethod
+    def _model_failed(socket: WebSocket, error: StreamModelError) -> StreamClose:
+        """The model fails on its own: log it with its traceback and end the stream with 1011 and why."""
+        request_id = request_id_of(socket.scope)
+        log.error("serve: stream %s: the model failed (%s); closing with %d", request_id, error, INTERNAL,
+                  exc_info=error)
+        return StreamClose(INTERNAL, f"the model failed (request id {request_id}): {error}")
 
     async def _receive_config(self, socket: WebSocket) -> StreamConfig:
         text = await self._receive(socket, "text")
