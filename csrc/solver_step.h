@@ -11,7 +11,7 @@
 //
 // Every input of an element is read before any of its outputs is written, so `out` may alias
 // `x`, and a history slot may be both read and written. Products and sums go through
-// Arith::mul / Arith::add, which never contract into an FMA, so the result rounds exactly
+// Conv::mul / Conv::add, which never contract into an FMA, so the result rounds exactly
 // like the PyTorch reference (one rounding per operation).
 #pragma once
 
@@ -21,6 +21,12 @@
 #define DIFFRT_HD __host__ __device__ __forceinline__
 #else
 #define DIFFRT_HD inline
+#endif
+// Unrolls a loop with a compile-time trip count in device code (host compilers don't know the pragma).
+#if defined(__CUDA_ARCH__)
+#define DIFFRT_UNROLL _Pragma("unroll")
+#else
+#define DIFFRT_UNROLL
 #endif
 
 namespace diffrt {
@@ -70,42 +76,64 @@ DIFFRT_HD float clamp_nan(float v, float lo, float hi) {
   return (r != r || hi != hi) ? r + hi : (r > hi ? hi : r);
 }
 
-// One element. `Conv` supplies to_float(T) overloads, round<T>(float) -> T, mul and add.
-template <class Conv, class T, class M>
+// x0 of one element: pc*mc + px*xv (+ pu*mu), clamped, rounded to the storage dtype T and back.
+// `Conv` supplies to_float(T) overloads, round<T>(float) -> T, mul and add.
+template <class Conv, class T>
+DIFFRT_HD float step_x0(const float* row, float xv, float mc, float mu, bool has_uncond) {
+  float x0 = Conv::add(Conv::mul(row[0], mc), Conv::mul(row[2], xv));
+  if (has_uncond) x0 = Conv::add(x0, Conv::mul(row[1], mu));
+  x0 = clamp_nan(x0, row[3], row[4]);
+  return Conv::to_float(Conv::template round<T>(x0));
+}
+
+// o_k of one element, before rounding: `c` is the output's kOutFixedCols + S columns, `hist(j)`
+// the element's value in history slot j (as float), called for j = 0..S-1 in order. S is a
+// compile-time constant, so a caller's per-slot values can live in registers.
+template <class Conv, int S, class Hist>
+DIFFRT_HD float step_output(const float* c, float xv, float x0, float mc, float mu, float eps, bool has_uncond,
+                            bool has_noise, const Hist& hist) {
+  float o = Conv::add(Conv::mul(c[0], xv), Conv::mul(c[1], x0));
+  o = Conv::add(o, Conv::mul(c[2], mc));
+  if (has_uncond) o = Conv::add(o, Conv::mul(c[3], mu));
+  if (has_noise) o = Conv::add(o, Conv::mul(c[4], eps));
+  DIFFRT_UNROLL
+  for (int j = 0; j < S; ++j) o = Conv::add(o, Conv::mul(c[kOutFixedCols + j], hist(j)));
+  return o;
+}
+
+// The noise draw a row reads (the reference clamps a negative index to 0), or null without noise.
+template <class T>
+DIFFRT_HD const T* noise_draw(const int32_t* irow, const StepArgs& a) {
+  if (a.noise == nullptr || a.n_noise <= 0) return nullptr;
+  const int64_t draw = irow[0] < 0 ? 0 : irow[0];
+  return static_cast<const T*>(a.noise) + draw * a.numel;
+}
+
+// One element i, for a valid row (check_row) of a table with S = a.n_slots history slots.
+template <class Conv, class T, class M, int S>
 DIFFRT_HD void step_element(int64_t i, const StepArgs& a, const float* row, const int32_t* irow) {
   const int64_t numel = a.numel;
   const bool has_uncond = a.uncond != nullptr;
-  const T* noise_draw = nullptr;
-  if (a.noise != nullptr && a.n_noise > 0) {
-    const int64_t draw = irow[0] < 0 ? 0 : irow[0];
-    noise_draw = static_cast<const T*>(a.noise) + draw * numel;
-  }
-  const T* history = static_cast<const T*>(a.history);
+  const T* noise = noise_draw<T>(irow, a);
+  T* const history = static_cast<T*>(a.history);
 
   const float xv = Conv::to_float(static_cast<const T*>(a.x)[i]);
   const float mc = Conv::to_float(static_cast<const M*>(a.cond)[i]);
   const float mu = has_uncond ? Conv::to_float(static_cast<const M*>(a.uncond)[i]) : 0.0f;
-  const float eps = noise_draw != nullptr ? Conv::to_float(noise_draw[i]) : 0.0f;
-  float hist[kMaxSlots];
-  for (int j = 0; j < a.n_slots; ++j) hist[j] = Conv::to_float(history[j * numel + i]);
+  const float eps = noise != nullptr ? Conv::to_float(noise[i]) : 0.0f;
+  float hist[S > 0 ? S : 1];
+  DIFFRT_UNROLL
+  for (int j = 0; j < S; ++j) hist[j] = Conv::to_float(history[j * numel + i]);
 
-  float x0 = Conv::add(Conv::mul(row[0], mc), Conv::mul(row[2], xv));
-  if (has_uncond) x0 = Conv::add(x0, Conv::mul(row[1], mu));
-  x0 = clamp_nan(x0, row[3], row[4]);
-  x0 = Conv::to_float(Conv::template round<T>(x0));
-
-  const int cols = kOutFixedCols + a.n_slots;
+  const float x0 = step_x0<Conv, T>(row, xv, mc, mu, has_uncond);
   for (int k = 0; k < a.n_out; ++k) {
-    const float* c = row + kX0Cols + k * cols;
-    float o = Conv::add(Conv::mul(c[0], xv), Conv::mul(c[1], x0));
-    o = Conv::add(o, Conv::mul(c[2], mc));
-    if (has_uncond) o = Conv::add(o, Conv::mul(c[3], mu));
-    if (noise_draw != nullptr) o = Conv::add(o, Conv::mul(c[4], eps));
-    for (int j = 0; j < a.n_slots; ++j) o = Conv::add(o, Conv::mul(c[kOutFixedCols + j], hist[j]));
+    const float* c = row + kX0Cols + k * (kOutFixedCols + S);
+    const T o = Conv::template round<T>(
+        step_output<Conv, S>(c, xv, x0, mc, mu, eps, has_uncond, noise != nullptr, [&](int j) { return hist[j]; }));
     if (k == 0) {
-      static_cast<T*>(a.out)[i] = Conv::template round<T>(o);
+      static_cast<T*>(a.out)[i] = o;
     } else if (irow[1 + k] >= 0) {
-      static_cast<T*>(a.history)[irow[1 + k] * numel + i] = Conv::template round<T>(o);
+      history[irow[1 + k] * numel + i] = o;
     }
   }
 }
