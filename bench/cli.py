@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from diffrt.runtime.solvers import PRESETS
+from diffrt.runtime.solvers import MAX_STEPS, PRESETS
 
 from . import harness, zoo
 
@@ -55,6 +55,11 @@ def _integer(text: str, low: int, high: int | None = None) -> int:
 def positive_int(text: str) -> int:
     """An integer >= 1 (batch, steps, repeats, rows, threads...)."""
     return _integer(text, 1)
+
+
+def steps(text: str) -> int:
+    """A number of solver steps: 1..MAX_STEPS (10,000; a plan is a host table per step)."""
+    return _integer(text, 1, MAX_STEPS)
 
 
 def non_negative_int(text: str) -> int:
@@ -294,7 +299,8 @@ def _workload_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --resolution, --steps, --solver, --device, --seed, --threads, --quiet (bench and tune)."""
     p.add_argument("--model", required=True, help=f"{', '.join(zoo.NAMES)}, or a diffusers model folder")
     p.add_argument("--resolution", type=positive_int, default=None, help="image side in pixels (default: the model's)")
-    p.add_argument("--steps", type=positive_int, default=None, help="solver steps (default: the model's, e.g. 20)")
+    p.add_argument("--steps", type=steps, default=None, help=f"solver steps, 1..{MAX_STEPS} (default: the model's, "
+                   "e.g. 20)")
     p.add_argument("--solver", default=None, choices=sorted(PRESETS), help="default: the model's (dpmpp-2m mostly)")
     p.add_argument("--device", type=device, default=None, help=f"{DEVICE_FORMS} (default: cuda when available)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="the noise and conditions' seed")

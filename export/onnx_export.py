@@ -134,6 +134,11 @@ def export_onnx(den, path: str | Path, batch: int | None = None, resolution: tup
     """Export ``den`` (a Denoiser or OptimizedDenoiser, float32) to ``path`` (module docstring)."""
     if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch must be a positive integer or None (dynamic), got {batch!r}")
+    if resolution is not None and not _positive_pair(resolution):
+        raise ValueError(f"resolution must be (height, width), two positive integers, or None (the model's own), got "
+                         f"{resolution!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 1:
+        raise ValueError(f"opset must be a positive integer (17 by default), got {opset!r}")
     start = time.perf_counter()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +211,12 @@ def export_groups(den, folder: str | Path, calibration: Calibration, **options) 
         result.manifest["data_file"] = "weights.data"
         _write_manifest(result.path, result.manifest)
     return results
+
+
+def _positive_pair(value: Any) -> bool:
+    """Whether ``value`` is (height, width): a tuple or list of two positive integers."""
+    return isinstance(value, (tuple, list)) and len(value) == 2 and \
+        all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:

@@ -1,7 +1,10 @@
 """The ONNX Runtime backend: a Denoiser that runs an exported graph in an InferenceSession.
 
 ``OrtDenoiser(base, onnx_path)`` has ``base``'s schedule, sample shape and call signature, so the
-Sampler runs it unchanged. CPU tensors go through numpy (no copies where the layout allows); on a
+Sampler runs it unchanged. It checks the graph and its external data file against the sha256 their
+manifest (``<graph>.json``) records before ONNX Runtime reads them: a file with flipped bytes, cut
+short or replaced is refused with a ValueError naming it, never run (an export written before
+checksums loads with a warning). CPU tensors go through numpy (no copies where the layout allows); on a
 GPU the CUDA execution provider reads and writes torch's buffers in place through I/O binding.
 :func:`ort_denoiser` exports through the :class:`~diffrt.export.artifacts.ArtifactCache`: a graph
 built for the same model, calibration, axes and opset is reused, anything else (other weights,
@@ -43,10 +46,11 @@ class OrtDenoiser(Denoiser):
     """A Denoiser backed by an ONNX Runtime session over an :func:`export_onnx` graph."""
 
     def __init__(self, base: Denoiser, onnx_path: str | Path, device: torch.device | str | None = None,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, verify: bool = True):
+        """``verify=False`` skips the sha256 check, for a caller that has just checked the files (the cache)."""
         import onnxruntime as ort  # noqa: PLC0415
 
-        self.manifest = load_manifest(onnx_path)
+        self.manifest = load_manifest(onnx_path, verify=verify)
         device = torch.device(device or "cpu")
         super().__init__(_NoModule(), base.schedule, sample_shape=base.sample_shape, dtype=torch.float32)
         self.device = device
@@ -127,4 +131,5 @@ def ort_denoiser(den: Denoiser, calibration: Calibration | None = None, cache: A
         folder = cache.prepare("onnx", key)
         result = export_onnx(den, folder / "model.onnx", calibration=calibration, **export_options)
         cache.commit(folder, key, {"seconds": round(result.seconds, 2)})
-    return OrtDenoiser(base, folder / "model.onnx", device or base.device, calibration)
+    # lookup() / commit() have just checked / recorded every file's sha256: not hashed a second time
+    return OrtDenoiser(base, folder / "model.onnx", device or base.device, calibration, verify=False)

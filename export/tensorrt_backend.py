@@ -7,7 +7,9 @@ named I/O tensors, ``execute_async_v3``).
 * :func:`build_engine`: an ONNX graph -> a serialized engine: fp16 / bf16 / fp32 (INT8 comes from
   the graph's QDQ nodes: explicit quantization, no calibrator), one optimization profile per
   :class:`Profile` (batch and resolution ranges; static where min = max), a timing cache file
-  shared by all builds of the cache folder.
+  shared by all builds of the cache folder. The timing cache carries a sha256 (``timing.cache.sha256``,
+  written after it): a timing cache whose bytes do not match, or that has no checksum, is discarded
+  with a log line and the build starts from an empty one (:func:`read_timing_cache`), never used.
 * :func:`engine_key`: what an engine depends on (GPU name and compute capability, TensorRT
   version, model and calibration hashes, timestep group, profiles, precision, the ONNX manifest);
   the :class:`~diffrt.export.artifacts.ArtifactCache` keys engines by it and checks the sha256 of
@@ -24,6 +26,7 @@ named I/O tensors, ``execute_async_v3``).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,8 +135,7 @@ def build_engine(onnx_path: str | Path, precision: str, profiles: list[Profile],
         config.set_flag(trt.BuilderFlag.BF16)
     if manifest["int8_scales"] is not None:
         config.set_flag(trt.BuilderFlag.INT8)  # explicit quantization: the graph's QDQ nodes give the scales
-    cache_data = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_data)
+    cache = config.create_timing_cache(read_timing_cache(timing_cache) if timing_cache is not None else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     for profile in profiles:
         optimization = builder.create_optimization_profile()
@@ -144,8 +146,39 @@ def build_engine(onnx_path: str | Path, precision: str, profiles: list[Profile],
     if serialized is None:
         raise RuntimeError(f"TensorRT could not build an engine from {onnx_path} (see its log above)")
     if timing_cache is not None:
-        timing_cache.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+        write_timing_cache(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     return bytes(memoryview(serialized))
+
+
+def _checksum_path(timing_cache: Path) -> Path:
+    return timing_cache.with_name(timing_cache.name + ".sha256")
+
+
+def write_timing_cache(path: Path, data: bytes) -> None:
+    """Write a timing cache, then its sha256 (last: a write cut short leaves a cache that does not match)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _checksum_path(path).unlink(missing_ok=True)
+    path.write_bytes(data)
+    _checksum_path(path).write_text(hashlib.sha256(data).hexdigest() + "\n")
+
+
+def read_timing_cache(path: Path) -> bytes:
+    """The timing cache's bytes when they match the sha256 written beside them; otherwise (no checksum, another
+    checksum: corrupt, truncated or written by something else) both files are removed with a log line and the
+    answer is empty (TensorRT then starts a new timing cache). No file yet: empty, silently."""
+    checksum = _checksum_path(path)
+    if not path.is_file():
+        checksum.unlink(missing_ok=True)
+        return b""
+    data = path.read_bytes()
+    recorded = checksum.read_text().strip() if checksum.is_file() else None
+    if recorded is not None and recorded == hashlib.sha256(data).hexdigest():
+        return data
+    why = "has no checksum" if recorded is None else "does not match its sha256 (corrupt or truncated)"
+    log.warning("TensorRT timing cache %s %s: discarded, the build starts a new one", path, why)
+    path.unlink()
+    checksum.unlink(missing_ok=True)
+    return b""
 
 
 class TrtEngine:

@@ -207,8 +207,11 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_plan(acc: Acceleration) -> None:
-    if acc.solver is not None and (not isinstance(acc.solver, str) or not acc.solver):
-        raise ValueError(f"Acceleration.solver must be a solver name or None, got {acc.solver!r}")
+    from .solvers import PRESETS  # noqa: PLC0415
+
+    if acc.solver is not None and (not isinstance(acc.solver, str) or acc.solver not in PRESETS):
+        raise ValueError(f"Acceleration.solver must be None or a solver name ({', '.join(sorted(PRESETS))}), got "
+                         f"{acc.solver!r}")
     if acc.steps is not None and (not isinstance(acc.steps, int) or isinstance(acc.steps, bool) or acc.steps < 1):
         raise ValueError(f"Acceleration.steps must be a positive int, got {acc.steps!r}")
 
@@ -279,5 +282,8 @@ def resolve(config: Acceleration | str | Path | dict | None) -> tuple[Accelerati
         return config, None
     if isinstance(config, dict):
         return Acceleration.from_dict(config), None
+    if not isinstance(config, (str, Path)):
+        raise TypeError(f"config must be an Acceleration, a dict or the path of a diffrt tune file, got "
+                        f"{type(config).__name__}")
     path = Path(config)
     return Acceleration.load(path), path.parent

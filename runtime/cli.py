@@ -202,7 +202,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     accelerations = {**DEFAULT_ACCELERATIONS, **dict(args.acceleration or [])}
     config = ServeConfig(models=args.models, accelerations=accelerations, device=args.device,
                          max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                         max_streams=args.max_streams)
+                         max_streams=args.max_streams, max_body_bytes=args.max_body_bytes,
+                         stream_idle_timeout_s=args.stream_idle_timeout_s)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="debug" if args.verbose else "info")
@@ -233,7 +234,7 @@ def _sample_arguments(p: argparse.ArgumentParser, checks: ModuleType) -> None:
     from .solvers import PRESETS  # noqa: PLC0415
 
     p.add_argument("--solver", default="dpmpp-2m", choices=sorted(PRESETS))
-    p.add_argument("--steps", type=checks.positive_int, default=20)
+    p.add_argument("--steps", type=checks.steps, default=20)
     p.add_argument("--batch", type=checks.positive_int, default=2)
     p.add_argument("--channels", type=checks.positive_int, default=4)
     p.add_argument("--resolution", type=checks.even_positive_int, default=32, help="image side (even: the toy UNet "
@@ -252,9 +253,9 @@ def _demo_arguments(p: argparse.ArgumentParser, checks: ModuleType) -> None:
     p.add_argument("--out", type=checks.output_folder, default="demo-out", help="folder for the PNG grids")
     p.add_argument("--rows", type=checks.positive_int, default=1, help="rows of digits 0-9 per configuration")
     p.add_argument("--guidance-scale", type=checks.non_negative_float, default=3.0)
-    p.add_argument("--reference-steps", type=checks.positive_int, default=50, help="steps of the reference "
+    p.add_argument("--reference-steps", type=checks.steps, default=50, help="steps of the reference "
                    "configuration")
-    p.add_argument("--fast-steps", type=checks.positive_int, default=20, help="steps of the fast configuration")
+    p.add_argument("--fast-steps", type=checks.steps, default=20, help="steps of the fast configuration")
     p.add_argument("--device", type=checks.device, default=None, help=f"{checks.DEVICE_FORMS} (default: cuda when "
                    "available)")
     p.add_argument("--seed", type=checks.non_negative_int, default=0)
@@ -293,6 +294,10 @@ def _serve_arguments(p: argparse.ArgumentParser, checks: ModuleType) -> None:
     p.add_argument("--max-queue", type=checks.positive_int, default=64, help="requests waiting at most; more get 503 "
                    "+ Retry-After")
     p.add_argument("--max-streams", type=checks.non_negative_int, default=4, help="concurrent /v1/stream connections")
+    p.add_argument("--max-body-bytes", type=checks.positive_int, default=8 << 20, help="largest request body or "
+                   "WebSocket message in bytes (more: 413 / close 1009; default 8 MiB)")
+    p.add_argument("--stream-idle-timeout-s", type=checks.positive_float, default=30.0, help="close a /v1/stream "
+                   "connection that sends nothing this long (seconds, default 30)")
     p.add_argument("--threads", type=checks.positive_int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_serve)
 

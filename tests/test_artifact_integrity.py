@@ -21,7 +21,7 @@ from diffrt.runtime.acceleration import Acceleration
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from diffrt.export.ort_backend import ort_denoiser  # noqa: E402
+from diffrt.export.ort_backend import OrtDenoiser, ort_denoiser  # noqa: E402
 
 LABELS = torch.arange(4)
 NULL = torch.tensor([models.NULL_CLASS])
@@ -161,6 +161,28 @@ def test_a_standalone_export_verifies_on_request(dit, tmp_path):
         load_manifest(path)
 
 
+@pytest.mark.parametrize("fault", [_flip, _truncate, _nan])
+def test_ort_denoiser_refuses_a_damaged_export_by_name(dit, tmp_path, fault):
+    """Loading a standalone export directly checks its sha256 as the cache does: never run, the file named."""
+    path = export_onnx(dit, tmp_path / "dit.onnx").path
+    assert _matches(OrtDenoiser(dit, path), dit)
+    fault(*_weight_offset(path))
+    with pytest.raises(ValueError, match=r"dit\.onnx does not match the sha256 in .*dit\.json"):
+        OrtDenoiser(dit, path)
+
+
+def test_ort_denoiser_refuses_damaged_external_weights_by_name(dit, calibration, tmp_path):
+    results = onnx_export.export_groups(dit, tmp_path / "groups", calibration)
+    graph, data = results[0].path, results[0].data_path
+    assert OrtDenoiser(dit, graph, calibration=calibration).manifest["data_file"] == "weights.data"
+    _flip(*_weight_offset(graph, data))
+    with pytest.raises(ValueError, match=r"weights\.data does not match the sha256 in .*group0\.json"):
+        OrtDenoiser(dit, graph, calibration=calibration)
+    data.unlink()
+    with pytest.raises(ValueError, match=r"weights\.data is missing"):
+        OrtDenoiser(dit, graph, calibration=calibration)
+
+
 # ------------------------------------------------------------------ user files: calibrations
 
 
@@ -284,6 +306,7 @@ def _config(tmp_path, document, name="acc.json"):
     ({"steps": True}, "steps must be a positive int"),
     ({"steps": 0}, "steps must be a positive int"),
     ({"solver": 3}, "solver must be"),
+    ({"solver": "warp-drive"}, "solver must be None or a solver name .*dpmpp-2m.*got 'warp-drive'"),
     ({"dtype": ["float16"]}, "dtype must be"),
     ({"attention": 1}, "attention must be"),
     ({"adaptive_guidance": "0.95"}, "adaptive_guidance must be None or a finite number"),
@@ -305,6 +328,14 @@ def _config(tmp_path, document, name="acc.json"):
 def test_wrong_values_in_a_config_are_refused_by_name(tmp_path, document, message):
     with pytest.raises(ValueError, match=rf"acc\.json: .*{message}"):
         Acceleration.load(_config(tmp_path, document))
+
+
+def test_a_config_of_the_wrong_type_is_refused_saying_what_is_accepted(dit):
+    from diffrt.runtime import optimize
+
+    for config in (3, ["acc.json"]):
+        with pytest.raises(TypeError, match="config must be an Acceleration, a dict or the path"):
+            optimize(dit, config=config)
 
 
 @pytest.mark.parametrize("content", [b"\xff\xfe{}", DEEP.encode(), b"[1]", b'{"format": "diffrt-acc', b""])

@@ -5,6 +5,7 @@ it was not warm. Nothing here is timed: the bench tests use synthetic rows and c
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # (sub-command and its required arguments, option, bad values): every numeric / device / choice option
 BAD_OPTIONS = [
-    (["sample"], "--steps", ["0", "-1", "three", "2.5"]),
+    (["sample"], "--steps", ["0", "-1", "three", "2.5", "10001"]),
     (["sample"], "--batch", ["0", "-3"]),
     (["sample"], "--channels", ["0"]),
     (["sample"], "--resolution", ["7", "0", "-2"]),
@@ -29,8 +30,8 @@ BAD_OPTIONS = [
     (["sample"], "--device", ["bogus", "cuda:x", "cuda:-1"]),
     (["sample"], "--backend", ["bogus"]),
     (["demo"], "--rows", ["-1", "0"]),
-    (["demo"], "--reference-steps", ["0"]),
-    (["demo"], "--fast-steps", ["0"]),
+    (["demo"], "--reference-steps", ["0", "20000"]),
+    (["demo"], "--fast-steps", ["0", "20000"]),
     (["demo"], "--guidance-scale", ["-1", "nan"]),
     (["demo"], "--seed", ["-1"]),
     (["demo"], "--device", ["bogus"]),
@@ -51,6 +52,8 @@ BAD_OPTIONS = [
     (["serve"], "--max-wait-ms", ["-1", "nan"]),
     (["serve"], "--max-queue", ["0"]),
     (["serve"], "--max-streams", ["-1"]),
+    (["serve"], "--max-body-bytes", ["0", "-1", "1e6", "8MB"]),
+    (["serve"], "--stream-idle-timeout-s", ["0", "-1", "nan", "inf", "soon"]),
     (["serve"], "--threads", ["-1", "0"]),
     (["serve"], "--device", ["bogus", "gpu"]),
     (["serve"], "--models", [",", " "]),
@@ -58,7 +61,7 @@ BAD_OPTIONS = [
 ]
 for _command in ("bench", "tune"):  # the workload options both share
     BAD_OPTIONS += [([_command, "--model", "digits-dit"], option, values) for option, values in (
-        ("--resolution", ["0", "-16"]), ("--steps", ["0", "-1"]), ("--seed", ["-1"]), ("--threads", ["-1", "0"]),
+        ("--resolution", ["0", "-16"]), ("--steps", ["0", "-1", "20000"]), ("--seed", ["-1"]), ("--threads", ["-1", "0"]),
         ("--device", ["bogus", "tpu"]), ("--solver", ["warp"]))]
 CASES = [pytest.param(command, option, value, id=f"{command[0]} {option} {value}")
          for command, option, values in BAD_OPTIONS for value in values]
@@ -87,9 +90,25 @@ def test_the_messages_say_what_is_accepted(capsys):
     assert "1..65535" in _refused(capsys, ["serve", "--port", "70000"])
     assert ">= 1" in _refused(capsys, ["bench", "--model", "digits-dit", "--repeats", "0"])
     assert "even" in _refused(capsys, ["sample", "--resolution", "7"])
+    assert "in 1..10000" in _refused(capsys, ["bench", "--model", "digits-dit", "--steps", "20000"])
     assert "NAME=PATH" in _refused(capsys, ["serve", "--acceleration", "fast"])
     long_value = "9" * 5000
     assert len(_refused(capsys, ["sample", "--steps", long_value + "x"])) < 400  # a huge value is not echoed whole
+
+
+def test_serve_passes_its_limits_to_the_server(monkeypatch):
+    uvicorn = pytest.importorskip("uvicorn")
+    serve = pytest.importorskip("diffrt.serve")
+    configs, options = [], []
+    monkeypatch.setattr(serve, "create_app", configs.append)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: options.append(kw))
+    assert cli.main(["serve", "--models", "digits-dit", "--max-body-bytes", "4096", "--stream-idle-timeout-s", "2.5",
+                     "--port", "8123"]) == 0
+    assert (configs[0].max_body_bytes, configs[0].stream_idle_timeout_s, options[0]["port"]) == (4096, 2.5, 8123)
+    assert cli.main(["serve", "--models", "digits-dit"]) == 0  # the defaults are the server's own
+    defaults = serve.ServeConfig()
+    assert (configs[1].max_body_bytes, configs[1].stream_idle_timeout_s) == (defaults.max_body_bytes,
+                                                                             defaults.stream_idle_timeout_s)
 
 
 def test_missing_arguments_and_commands_are_one_line_too(capsys):
@@ -148,6 +167,19 @@ def test_export_onnx_refuses_batch_0_itself():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="batch must be a positive integer"):
             export_onnx(None, "never-written.onnx", batch=bad)
+    assert not Path("never-written.onnx").exists()
+
+
+@pytest.mark.parametrize("option, values, message", [
+    ("resolution", [0, -16, (0, 16), (16,), "16x16", (16.0, 16), (True, 16)], "resolution must be (height, width)"),
+    ("opset", [0, -1, "17", 17.0, True], "opset must be a positive integer"),
+])
+def test_export_onnx_refuses_bad_shapes_and_opsets_itself(option, values, message):
+    from diffrt.export import export_onnx
+
+    for bad in values:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            export_onnx(None, "never-written.onnx", **{option: bad})
     assert not Path("never-written.onnx").exists()
 
 

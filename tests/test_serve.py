@@ -103,7 +103,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_the_server_recovers():
             refused = client.post("/v1/generate", json=body)
             release.set()
             assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
-            assert "queue is full" in refused.json()["error"]
+            assert "queue is full" in refused.json()["detail"]
             assert [f.result().status_code for f in [first, *queued]] == [200, 200, 200]
         engine.run = real_run
         assert client.post("/v1/generate", json=body).status_code == 200
@@ -127,7 +127,7 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_keeps_serving(body
     with _client() as client:
         response = client.post("/v1/generate", json=body)
         assert response.status_code == status, response.text
-        assert message in response.json()["error"]
+        assert message in response.json()["detail"]
         assert client.post("/v1/generate", json={"model": "digits-dit", "steps": 2}).status_code == 200
 
 
@@ -136,14 +136,14 @@ def test_nan_oversized_and_malformed_bodies_are_refused():
         headers = {"content-type": "application/json"}
         nan_cond = b'{"model": "sd15-unet:tiny", "output": "latents", "cond": [[NaN, 1.0]]}'
         response = client.post("/v1/generate", content=nan_cond, headers=headers)
-        assert response.status_code == 422 and "NaN" in response.json()["error"]
+        assert response.status_code == 422 and "NaN" in response.json()["detail"]
         response = client.post("/v1/generate", content=b'{"model": "digits-dit", "guidance_scale": NaN}', headers=headers)
         assert response.status_code == 422
         response = client.post("/v1/generate", content=b"{not json", headers=headers)
         assert response.status_code == 422
         big = {"model": "sd15-unet:tiny", "output": "latents", "cond": [[0.25] * 32] * 77}
         response = client.post("/v1/generate", json=big)
-        assert response.status_code == 413 and "at most 4096" in response.json()["error"]
+        assert response.status_code == 413 and "at most 4096" in response.json()["detail"]
         assert client.post("/v1/generate", json={"model": "digits-dit", "steps": 2}).status_code == 200
 
 
@@ -162,7 +162,7 @@ def test_out_of_memory_fails_its_batch_with_503_then_batches_shrink_and_serving_
         failed = _concurrently(client, [{"model": "digits-dit", "class_label": i, "steps": 2, "output": "latents"}
                                         for i in range(4)])
         assert [r.status_code for r in failed] == [503] * 4 and all("retry-after" in r.headers for r in failed)
-        assert "out of GPU memory" in failed[0].json()["error"]
+        assert "out of GPU memory" in failed[0].json()["detail"]
         assert client.app.state.batcher.max_batch == 2  # halved from the failed batch of 4
         again = _concurrently(client, [{"model": "digits-dit", "class_label": i, "steps": 2, "output": "latents"}
                                        for i in range(4)])
@@ -282,4 +282,4 @@ def test_a_tuned_int8_config_is_served_from_another_working_directory(tmp_path, 
                                                       "acceleration": "tuned", "output": "latents"})
         assert response.status_code == 200, response.text
         wrong_plan = client.post("/v1/generate", json={"model": "digits-dit", "steps": 5, "acceleration": "tuned"})
-        assert wrong_plan.status_code == 400 and "steps=3" in wrong_plan.json()["error"]  # not silently overridden
+        assert wrong_plan.status_code == 400 and "steps=3" in wrong_plan.json()["detail"]  # not silently overridden

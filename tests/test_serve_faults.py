@@ -92,13 +92,13 @@ def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit():
     calls, sent = _run_middleware(1000, [], chunks=10_000, chunk=b"x" * 300)
     assert calls == 4  # 1200 bytes read of 3 MB: reading stopped at the limit
     assert sent[0]["status"] == 413 and (b"connection", b"close") in sent[0]["headers"]
-    assert "at most 1000 bytes" in json.loads(sent[1]["body"])["error"]
+    assert "at most 1000 bytes" in json.loads(sent[1]["body"])["detail"]
 
 
 def test_a_declared_length_over_the_limit_is_refused_before_reading():
     calls, sent = _run_middleware(1000, [(b"content-length", b"5000000")], chunks=1, chunk=b"")
     assert calls == 0 and sent[0]["status"] == 413
-    assert "5000000 bytes; at most 1000" in json.loads(sent[1]["body"])["error"]
+    assert "5000000 bytes; at most 1000" in json.loads(sent[1]["body"])["detail"]
 
 
 def test_chunked_bodies_over_the_limit_get_413_from_the_server_and_serving_goes_on():
@@ -110,13 +110,13 @@ def test_chunked_bodies_over_the_limit_get_413_from_the_server_and_serving_goes_
 
     with _client(max_body_bytes=4096) as client:
         response = client.post("/v1/generate", content=chunks(100), headers={"content-type": "application/json"})
-        assert response.status_code == 413 and "at most 4096 bytes" in response.json()["error"]
+        assert response.status_code == 413 and "at most 4096 bytes" in response.json()["detail"]
         _still_serving(client)
     app = create_app(ServeConfig(models=("digits-dit",), max_body_bytes=64 << 10, max_wait_ms=5.0))
     httpx = pytest.importorskip("httpx")
     with _live_server(app) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
         response = http.post("/v1/generate", content=chunks(2000), headers={"content-type": "application/json"})
-        assert response.status_code == 413 and "at most 65536 bytes" in response.json()["error"]  # 12 MB not read
+        assert response.status_code == 413 and "at most 65536 bytes" in response.json()["detail"]  # 12 MB not read
         assert http.post("/v1/generate", json=GOOD).status_code == 200
 
 
@@ -213,18 +213,85 @@ def test_a_plan_the_model_cannot_run_is_a_400_saying_what_to_change(body, status
     with _client() as client:
         response = client.post("/v1/generate", json=body)
         assert response.status_code == status, response.text
-        assert message in response.json()["error"]
+        assert message in response.json()["detail"]
         _still_serving(client)
 
 
-@pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity", b'"NaN"'])
+@pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity"])
 def test_non_finite_guidance_is_refused_as_not_finite(value):
     with _client() as client:
         body = b'{"model": "digits-dit", "steps": 2, "output": "latents", "guidance_scale": %s}' % value
         response = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
         assert response.status_code == 422
-        assert "guidance_scale must be a finite number" in response.json()["error"]
-        assert "less than or equal" not in response.json()["error"]
+        assert "guidance_scale must be a finite number" in response.json()["detail"]
+        assert "less than or equal" not in response.json()["detail"]
+        _still_serving(client)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("steps", "2", "steps: must be an integer, not a string ('2')"),
+    ("steps", True, "steps: must be an integer, not a boolean"),
+    ("steps", 2.0, "steps: must be an integer, not a number (2.0)"),
+    ("steps", 2.5, "steps: must be an integer, not a number (2.5)"),
+    ("seed", "7", "seed: must be an integer, not a string ('7')"),
+    ("class_label", "3", "class_label: must be an integer, not a string ('3')"),
+    ("class_label", False, "class_label: must be an integer, not a boolean"),
+    ("guidance_scale", "3.0", "guidance_scale: must be a number, not a string ('3.0')"),
+    ("guidance_scale", True, "guidance_scale: must be a number, not a boolean"),
+    ("guidance_scale", "NaN", "guidance_scale: must be a number, not a string ('NaN')"),
+    ("model", 5, "model: must be a string, not an integer"),
+    ("cond", [["0.5"]], "cond.0.0: must be a number, not a string ('0.5')"),
+])
+def test_type_confusions_are_refused_not_coerced(field, value, message):
+    """Strict validation: a string, boolean or fraction where a number is expected is a 422 naming the field,
+    what it must be and what it got (pydantic's lax mode would have taken "2" for 2 and true for 1)."""
+    with _client() as client:
+        response = client.post("/v1/generate", json={**GOOD, field: value})
+        assert response.status_code == 422, response.text
+        assert message in response.json()["detail"], response.json()
+        assert {"loc": [field, 0, 0] if field == "cond" else [field], "msg": message.split(": ", 1)[1]} \
+            in response.json()["errors"]
+        _still_serving(client)
+
+
+def test_numbers_keep_their_documented_forms():
+    """An integer where a number is expected is a number (``"guidance_scale": 3``); null turns guidance off."""
+    with _client() as client:
+        for changes in ({"guidance_scale": 3}, {"guidance_scale": None}, {"seed": 2**62}, {"class_label": 0}):
+            response = client.post("/v1/generate", json={**GOOD, **changes})
+            assert response.status_code == 200, (changes, response.text)
+
+
+def _error_shape(response, status: int) -> dict:
+    """The body of an error answer: one shape whoever wrote it ({"detail", "request_id"}, 422: "errors")."""
+    assert response.status_code == status, response.text
+    document = response.json()
+    assert set(document) == ({"detail", "request_id", "errors"} if status == 422 else {"detail", "request_id"})
+    assert isinstance(document["detail"], str) and document["detail"]
+    assert document["request_id"] == response.headers["x-request-id"]
+    return document
+
+
+def test_every_error_answer_has_one_shape_starlettes_too():
+    with _client(max_body_bytes=4096) as client:
+        assert _error_shape(client.get("/no/such/path"), 404)["detail"] == "Not Found"
+        refused = client.get("/v1/generate")
+        assert _error_shape(refused, 405)["detail"] == "Method Not Allowed" and refused.headers["allow"] == "POST"
+        assert "unknown model" in _error_shape(client.post("/v1/generate", json={**GOOD, "model": "nope"}), 404)["detail"]
+        assert "unknown solver" in _error_shape(client.post("/v1/generate", json={**GOOD, "solver": "x"}), 400)["detail"]
+        invalid = _error_shape(client.post("/v1/generate", json={**GOOD, "steps": 0}), 422)
+        assert invalid["detail"].startswith("invalid request: steps: ") and invalid["errors"][0]["loc"] == ["steps"]
+        malformed = client.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+        assert "the body is not valid JSON" in _error_shape(malformed, 422)["detail"]
+        listed = _error_shape(client.post("/v1/generate", json=[GOOD]), 422)["detail"]
+        assert "must be a JSON object, not a list" in listed
+        deep = client.post("/v1/generate", content=b"[" * 2000 + b"]" * 2000,  # past json's recursion limit
+                           headers={"content-type": "application/json"})
+        assert "could not be parsed as a JSON object" in _error_shape(deep, 400)["detail"]
+        big = client.post("/v1/generate", content=b"{" + b" " * 5000 + b"}", headers={"content-type": "application/json"})
+        assert "at most 4096" in _error_shape(big, 413)["detail"]
+        chosen = client.get("/nowhere", headers={"X-Request-Id": "client-id-8"})
+        assert _error_shape(chosen, 404)["request_id"] == "client-id-8"
         _still_serving(client)
 
 
@@ -240,7 +307,7 @@ def test_an_unexpected_error_is_a_logged_500_carrying_the_request_id(caplog):
             response = client.post("/v1/generate", json=GOOD)
         request_id = response.headers["x-request-id"]
         assert response.status_code == 500 and response.json()["request_id"] == request_id
-        assert request_id in response.json()["error"] and "a bug" not in response.json()["error"]
+        assert request_id in response.json()["detail"] and "a bug" not in response.json()["detail"]
         assert any(request_id in record.getMessage() and record.exc_info for record in caplog.records)
         chosen = client.post("/v1/generate", json=GOOD, headers={"X-Request-Id": "client-id-7"})
         assert chosen.status_code == 500 and chosen.json()["request_id"] == "client-id-7"
@@ -308,6 +375,9 @@ def _send_frame_after_config(payload):
     (lambda s: s.send_json({"model": "digits-dit", "colour": "red"}), 1007, "invalid config: colour"),
     (lambda s: s.send_json({"model": "nope"}), 1008, "unknown model 'nope'"),
     (lambda s: s.send_json({"model": "digits-dit", "t_index_list": [99]}), 1008, "below num_inference_steps"),
+    (lambda s: s.send_json({**GOOD_STREAM, "class_label": 10}), 1008, "class_label 10 out of range"),
+    (lambda s: s.send_json({**GOOD_STREAM, "num_inference_steps": "50"}), 1007,
+     "num_inference_steps: must be an integer, not a string ('50')"),
     (_send_frame_after_config(lambda s: s.send_text("a frame?")), 1003, "expected binary .npy frames"),
     (_send_frame_after_config(lambda s: s.send_bytes(b"not npy")), 1007, "a frame must be a .npy float array"),
     (_send_frame_after_config(lambda s: s.send_bytes(b"\x00" * 5000)), 1009, "at most 4096"),

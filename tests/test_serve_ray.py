@@ -52,7 +52,9 @@ def test_requests_spread_over_two_replicas_and_share_batches(url):
 def test_the_same_schema_and_errors_as_the_fastapi_server(url):
     assert httpx.post(url, json={"model": "nope"}, timeout=60).status_code == 404
     response = httpx.post(url, json={"model": "digits-dit", "steps": 0}, timeout=60)
-    assert response.status_code == 422 and "steps" in response.json()["error"]
+    assert response.status_code == 422 and "steps" in response.json()["detail"] and response.json()["request_id"]
+    response = httpx.post(url, json={"model": "digits-dit", "steps": "2"}, timeout=60)  # strict: not coerced
+    assert response.status_code == 422 and "steps: must be an integer, not a string ('2')" in response.json()["detail"]
     response = httpx.post(url, json={"model": "digits-dit", "class_label": 3, "steps": 2, "output": "latents"},
                           timeout=60)
     assert response.status_code == 200 and response.json()["shape"] == [1, 16, 16]

@@ -2,7 +2,10 @@
 checks; and, where tensorrt imports (a GPU machine), a built engine against PyTorch."""
 from __future__ import annotations
 
+import json
+import logging
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,6 +75,119 @@ def test_engine_cache_reuses_checked_engines_and_rebuilds_corrupt_ones(tmp_path,
     other = trt_backend.engine_key(MANIFEST, "bf16", [trt_backend.Profile()], GPU, "10.9.0")
     assert trt_backend._engine_bytes(cache, other, tmp_path / "m.onnx", [], 1) == b"engine-3"
     assert builds == ["fp16", "fp16", "bf16"]
+
+
+class _FakeConfig:
+    """TensorRT's builder config, as far as build_engine uses it: records the timing cache it was given."""
+
+    def __init__(self, seen: list):
+        self.seen, self.timing = seen, None
+
+    def create_timing_cache(self, data: bytes):
+        self.seen.append(bytes(data))
+        return bytes(data)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        self.timing = cache
+
+    def get_timing_cache(self):  # a build adds its measurements to the cache it started from
+        return SimpleNamespace(serialize=lambda: self.timing + b"[timings of build %d]" % len(self.seen))
+
+    def set_memory_pool_limit(self, *args):
+        pass
+
+    def set_flag(self, flag):
+        pass
+
+    def add_optimization_profile(self, profile):
+        pass
+
+
+def _fake_tensorrt(seen: list) -> SimpleNamespace:
+    """A stand-in ``tensorrt`` module: every call build_engine makes, no GPU."""
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return object()
+
+        def create_builder_config(self):
+            return _FakeConfig(seen)
+
+        def create_optimization_profile(self):
+            return SimpleNamespace(set_shape=lambda *args: None)
+
+        def build_serialized_network(self, network, config):
+            return b"engine"
+
+    class Logger:
+        WARNING = 0
+
+        def __init__(self, level):
+            pass
+
+    parser = SimpleNamespace(parse_from_file=lambda path: True, num_errors=0)
+    return SimpleNamespace(Logger=Logger, Builder=Builder, OnnxParser=lambda network, logger: parser,
+                           MemoryPoolType=SimpleNamespace(WORKSPACE=0),
+                           BuilderFlag=SimpleNamespace(FP16=1, BF16=2, INT8=3))
+
+
+@pytest.fixture
+def fake_build(tmp_path, monkeypatch):
+    """``build(timing_cache)`` runs build_engine with TensorRT faked; returns the timing cache each build was given."""
+    seen: list[bytes] = []
+    fake = _fake_tensorrt(seen)
+    monkeypatch.setattr(trt_backend, "tensorrt", lambda: fake)
+    graph = tmp_path / "m.onnx"
+    graph.write_bytes(b"graph")
+    graph.with_suffix(".json").write_text(json.dumps({"format": "diffrt-onnx/1", "int8_scales": None,
+                                                      "inputs": {"sample": [1, 1, 16, 16]}}))
+
+    def build(timing_cache):
+        assert trt_backend.build_engine(graph, "fp16", [trt_backend.Profile((1, 1, 1))], timing_cache) == b"engine"
+        return seen[-1]
+
+    return build
+
+
+def _damage(path):
+    data = bytearray(path.read_bytes())
+    data[3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("fault", [
+    _damage,
+    lambda path: path.write_bytes(path.read_bytes()[:10]),  # truncated
+    lambda path: path.with_name("timing.cache.sha256").unlink(),  # no checksum (an interrupted write)
+    lambda path: path.with_name("timing.cache.sha256").write_text("0" * 64),
+])
+def test_a_damaged_timing_cache_is_discarded_never_used(tmp_path, fake_build, caplog, fault):
+    timing = tmp_path / "tensorrt" / "timing.cache"
+    assert fake_build(timing) == b""  # no timing cache yet: TensorRT starts an empty one
+    first = timing.read_bytes()
+    assert first == b"[timings of build 1]"
+    checksum = timing.with_name("timing.cache.sha256").read_text().split()
+    assert checksum == [trt_backend.hashlib.sha256(first).hexdigest()]
+    assert fake_build(timing) == first  # a good one is reused
+    second = timing.read_bytes()
+    fault(timing)
+    with caplog.at_level(logging.WARNING, logger="diffrt.export.tensorrt_backend"):
+        assert fake_build(timing) == b""  # the damaged bytes never reach TensorRT
+    assert "timing cache" in caplog.text and "discarded" in caplog.text and str(timing) in caplog.text
+    rebuilt = timing.read_bytes()
+    assert rebuilt == b"[timings of build 3]" and rebuilt != second
+    assert fake_build(timing) == rebuilt  # the new one is whole: the next build uses it
+
+
+def test_timing_cache_helpers_round_trip(tmp_path):
+    path = tmp_path / "deeper" / "timing.cache"
+    assert trt_backend.read_timing_cache(path) == b""
+    trt_backend.write_timing_cache(path, b"\x00timings\xff")
+    assert trt_backend.read_timing_cache(path) == b"\x00timings\xff"
+    path.write_bytes(b"\x00timings\xfe")
+    assert trt_backend.read_timing_cache(path) == b"" and not path.exists()
 
 
 @pytest.mark.gpu

@@ -16,7 +16,9 @@
   ``diffrt_queue_depth``, ``diffrt_batch_size``, ``diffrt_request_seconds``,
   ``diffrt_requests_total{status}``, ``diffrt_streams_active``, ``diffrt_gpu_memory_bytes``).
 
-Every HTTP answer carries ``X-Request-Id``; the body limit is enforced while the body is read and an
+Every HTTP answer carries ``X-Request-Id``; every error answer, diffrt's or Starlette's own (404 unknown
+path, 405 wrong method, 400), has one JSON shape: ``{"detail": <message>, "request_id": <id>}``, a 422
+adding ``"errors"`` (``[{"loc", "msg"}]``). The body limit is enforced while the body is read and an
 unexpected error is a logged 500 with the request id (:mod:`~diffrt.serve.middleware`). A request
 whose client disconnects before its batch runs is dropped from the queue (its batcher future is
 cancelled), so abandoned requests do not delay the next ones.
@@ -32,11 +34,12 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Batcher
 from .engine import Engine, RequestError, Result, ServeConfig, Unavailable
-from .middleware import BodyTooLarge, ServeMiddleware, request_id_of
-from .schema import GenerateRequest, Health, LatentsResponse
+from .middleware import BodyTooLarge, ServeMiddleware, error_body, request_id_of
+from .schema import GenerateRequest, Health, LatentsResponse, describe_errors, error_summary
 from .websocket import StreamServer
 
 log = logging.getLogger(__name__)
@@ -68,9 +71,21 @@ class Metrics:
         self.batch_seconds.observe(seconds)
 
 
-def _error(status: int, message: str, retry_after: float | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(retry_after)))} if retry_after is not None else None
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+# FastAPI's own words where they do not say what to change
+_FRAMEWORK_DETAILS = {
+    "There was an error parsing the body": "the body could not be parsed as a JSON object (malformed, or nested "
+                                           "too deeply)",
+}
+
+
+def _error(request: Request, status: int, message: str, retry_after: float | None = None,
+           headers: dict[str, str] | None = None, **extra) -> JSONResponse:
+    """An error answer: :func:`~diffrt.serve.middleware.error_body` with this request's id."""
+    headers = dict(headers or {})
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return JSONResponse(error_body(message, request_id_of(request.scope), **extra), status_code=status,
+                        headers=headers or None)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -110,14 +125,18 @@ def _answer(body: GenerateRequest, result: Result) -> Response:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
-        # the messages only: the offending input is not echoed (it may hold NaN, which JSON cannot carry)
-        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in error.errors()]
-        message = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in details)
-        return JSONResponse({"error": f"invalid request: {message}", "detail": details}, status_code=422)
+        errors = describe_errors(error.errors())
+        return _error(request, 422, error_summary(errors), errors=errors)
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request: Request, error: BodyTooLarge) -> JSONResponse:
-        return JSONResponse({"error": error.detail}, status_code=413, headers={"Connection": "close"})
+        return _error(request, 413, error.detail, headers={"Connection": "close"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own answers (404, 405, 400...) in the server's error shape, their headers kept."""
+        detail = _FRAMEWORK_DETAILS.get(str(error.detail), str(error.detail))
+        return _error(request, error.status_code, detail, headers=getattr(error, "headers", None))
 
 
 def create_app(config: ServeConfig | None = None) -> FastAPI:
@@ -156,9 +175,9 @@ def create_app(config: ServeConfig | None = None) -> FastAPI:
                 return _client_gone(request)
             result = await result_unless_disconnected(request, state["batcher"].submit(body))
         except RequestError as error:
-            return _error(error.status, str(error))
+            return _error(request, error.status, str(error))
         except Unavailable as error:
-            return _error(503, str(error), error.retry_after_s)
+            return _error(request, 503, str(error), error.retry_after_s)
         return _client_gone(request) if result is None else _answer(body, result)
 
     @app.get("/healthz", response_model=Health)

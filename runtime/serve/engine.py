@@ -208,10 +208,7 @@ class Engine:
         if torch.is_tensor(example) and example.dim() == 1:  # class labels
             if request.cond is not None:
                 raise RequestError(400, f"{request.model} is class-conditional: give class_label, not cond")
-            classes = int(workload.make_uncond(1)[0]) if workload.make_uncond else None
-            if request.class_label is not None and classes is not None and request.class_label >= classes:
-                raise RequestError(400, f"class_label {request.class_label} out of range: {request.model} has "
-                                        f"classes 0-{classes - 1}")
+            self._check_class_label(request.model, workload, request.class_label)
         elif torch.is_tensor(example):
             if request.class_label is not None:
                 raise RequestError(400, f"{request.model} takes embeddings: give cond, not class_label")
@@ -221,6 +218,13 @@ class Engine:
         if request.output == "png" and not self.pixels(workload):
             raise RequestError(400, f"{request.model} samples latents, not pixels: ask for output='latents'")
         return workload
+
+    @staticmethod
+    def _check_class_label(model: str, workload: zoo.Workload, label: int | None) -> None:
+        """A class label below the model's unconditional class (its number of classes)."""
+        classes = int(workload.make_uncond(1)[0]) if workload.make_uncond else None
+        if label is not None and classes is not None and label >= classes:
+            raise RequestError(400, f"class_label {label} out of range: {model} has classes 0-{classes - 1}")
 
     def _check_plan(self, model: str, workload: zoo.Workload, solver: str, steps: int) -> None:
         """RequestError (400) when ``solver`` cannot sample ``model`` in ``steps`` steps (LCM beyond its
@@ -337,6 +341,7 @@ class Engine:
             raise RequestError(400, f"{config.model} samples latents: streams take pixel models")
         if max(config.t_index_list) >= config.num_inference_steps:
             raise RequestError(400, "t_index_list entries must be below num_inference_steps")
+        self._check_class_label(config.model, workload, config.class_label)
         cond = None if config.class_label is None else torch.tensor(config.class_label, device=self.device)
         return StreamPipeline(workload.den, t_index_list=tuple(config.t_index_list),
                               num_inference_steps=config.num_inference_steps, cond=cond, seed=config.seed,

@@ -10,6 +10,9 @@
   counted as it arrives and refused (:class:`BodyTooLarge`, 413) as soon as it passes the limit, so
   the server never holds more than the limit and one chunk;
 * an exception nothing else handled becomes a logged 500 carrying the request id (header and body);
+* every error answer of the server has one JSON shape, :func:`error_body`: ``{"detail": <message>,
+  "request_id": <id>}`` (a 422 adds ``"errors"``, the list of problems), whether diffrt or Starlette
+  (404, 405, 400) wrote it;
 * ``diffrt_request_seconds`` times each request and ``diffrt_requests_total{status}`` counts the
   answers under ``/v1/``.
 """
@@ -53,7 +56,13 @@ def request_id_of(scope: Scope) -> str:
     return scope.get("state", {}).get("request_id") or new_request_id()
 
 
-def _client_request_id(scope: Scope) -> str | None:
+def error_body(message: str, request_id: str, **extra: Any) -> dict[str, Any]:
+    """The JSON body of every error answer: ``{"detail": message, "request_id": id, **extra}`` (module docstring)."""
+    return {"detail": message, "request_id": request_id, **extra}
+
+
+def client_request_id(scope: Scope) -> str | None:
+    """The client's ``X-Request-Id`` when it is a short token (letters, digits, ``._:-``), else None."""
     for name, value in scope.get("headers", ()):
         if name.decode("latin-1").lower() == REQUEST_ID_HEADER:
             text = value.decode("latin-1")
@@ -87,11 +96,8 @@ class _Answer:
         await self._send(message)
 
     async def error(self, status: int, message: str, close: bool = False) -> None:
-        """A JSON ``{"error": ...}`` answer (with the request id for a 500); ``close`` ends the connection."""
-        document: dict[str, Any] = {"error": message}
-        if status >= 500:
-            document["request_id"] = self.request_id
-        body = json.dumps(document).encode()
+        """A JSON :func:`error_body` answer; ``close`` ends the connection."""
+        body = json.dumps(error_body(message, self.request_id)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if close:  # the rest of the body is not read: do not keep the connection for another request
             headers.append((b"connection", b"close"))
@@ -109,7 +115,7 @@ class ServeMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        request_id = _client_request_id(scope) or new_request_id()
+        request_id = client_request_id(scope) or new_request_id()
         scope.setdefault("state", {})["request_id"] = request_id
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)

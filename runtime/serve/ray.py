@@ -24,7 +24,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from .engine import Engine, RequestError, ServeConfig
-from .schema import GenerateRequest
+from .middleware import client_request_id, error_body, new_request_id
+from .schema import GenerateRequest, describe_errors, error_summary
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +52,28 @@ class DiffrtDeployment:
     async def __call__(self, http: Request) -> JSONResponse:
         from pydantic import ValidationError  # noqa: PLC0415
 
+        request_id = client_request_id(http.scope) or new_request_id()
+
+        def error(status: int, message: str, **extra: Any) -> JSONResponse:
+            return JSONResponse(error_body(message, request_id, **extra), status_code=status,
+                                headers={"X-Request-Id": request_id})
+
         try:
-            request = GenerateRequest.model_validate(await http.json())
+            payload = await http.json()
+        except ValueError as malformed:  # not JSON, or not UTF-8
+            return error(400, f"the body is not valid JSON: {malformed}")
+        try:
+            request = GenerateRequest.model_validate(payload)
             self.engine.check(request)
-        except ValidationError as error:
-            return JSONResponse({"error": f"invalid request: {error.errors(include_input=False)}"}, status_code=422)
-        except RequestError as error:
-            return JSONResponse({"error": str(error)}, status_code=error.status)
-        except ValueError as error:  # malformed JSON
-            return JSONResponse({"error": f"invalid JSON: {error}"}, status_code=400)
+        except ValidationError as invalid:
+            errors = describe_errors(invalid.errors())
+            return error(422, error_summary(errors), errors=errors)
+        except RequestError as refused:
+            return error(refused.status, str(refused))
         result = await self._generate(request)
         if isinstance(result, Exception):
-            return JSONResponse({"error": f"{type(result).__name__}: {result}"}, status_code=500)
+            log.error("ray serve: request %s failed", request_id, exc_info=result)
+            return error(500, f"internal server error (request id {request_id}): {type(result).__name__}")
         body = {"batch_size": result.batch_size, "latency_ms": result.latency_ms, "replica": self.replica,
                 "shape": list(result.sample.shape)}
         if request.output == "png":

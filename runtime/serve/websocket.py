@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 from .engine import Engine, RequestError, ServeConfig, StreamModelError, decode_npy, encode_npy
 from .middleware import request_id_of
-from .schema import StreamConfig
+from .schema import StreamConfig, describe_errors, error_summary
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +144,7 @@ class StreamServer:
         try:
             return StreamConfig.model_validate(payload)
         except ValidationError as error:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in error.errors())
-            raise StreamClose(INVALID_PAYLOAD, f"invalid config: {problems}") from error
+            raise StreamClose(INVALID_PAYLOAD, error_summary(describe_errors(error.errors()), "config")) from error
 
     async def _receive(self, socket: WebSocket, kind: str) -> Any:
         """The next message's text or bytes (``kind``); StreamClose for the wrong kind, a big one, or none in time."""
