@@ -103,9 +103,10 @@ def make_case(solver: str, shape_name: str, shape: tuple[int, ...], steps: int, 
 
 def diffusers_loop(scheduler: Any, model: Callable, noise: torch.Tensor) -> torch.Tensor:
     """The canonical diffusers loop over ``scheduler.timesteps`` (set_timesteps already called)."""
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow-matching schedulers have neither
+    scale = getattr(scheduler, "scale_model_input", None)
     for t in scheduler.timesteps:
-        x = scheduler.step(model(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        x = scheduler.step(model(x if scale is None else scale(x, t), t), t, x).prev_sample
     return x
 
 

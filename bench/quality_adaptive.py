@@ -1,13 +1,16 @@
 """Adaptive computation's quality / savings curves on the digits models: threshold sweeps.
 
     python -m diffrt.bench.quality_adaptive --out bench/results [--samples 1000] [--models digits-dit,digits-unet]
+        [--only "adaptive guidance 0.95,early exit 0.2"]   (configurations whose names start so; default all)
 
 Adaptive guidance: for each threshold of ``THRESHOLDS`` (cosine similarity between the conditional
 and unconditional predictions at which a sample drops its unconditional pass); LinearAG (coefficients
 fitted on ``LINEAR_AG_SAMPLES`` trajectories of other noise) over the first half and over the whole
 trajectory, alone and with adaptive guidance. The DiT only: step caching (first-block cache) for
 each of ``CACHE_THRESHOLDS``, and layer early exit with its shipped exit heads for each of
-``EXIT_THRESHOLDS`` (rows exit one by one) and at ``BATCH_EXIT_THRESHOLD`` for the whole batch.
+``EXIT_THRESHOLDS`` (rows exit one by one) and at ``BATCH_EXIT_THRESHOLD`` for the whole batch, each
+planned on the host from the previous model calls (the default: no host sync) and, at the default
+threshold, with the synchronous decision (``early_exit_sync=True``) beside it.
 Against the model cards' setting (DPM-Solver++(2M), 20 steps, CFG 3, the same noise): model
 evaluations or blocks saved, PSNR, class accuracy, digits-FID. Writes ``<device>-<date>-adaptive-guidance.json``, the Markdown table
 and a PNG of savings vs accuracy drop and FID change beside it.
@@ -89,15 +92,18 @@ def linear_ag_variants(name: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = quality_common.parser("python -m diffrt.bench.quality_adaptive", __doc__.split("\n")[0],
-                                 "digits-dit,digits-unet").parse_args(argv)
+    parser = quality_common.parser("python -m diffrt.bench.quality_adaptive", __doc__.split("\n")[0],
+                                   "digits-dit,digits-unet")
+    parser.add_argument("--only", default=None, help="comma-separated prefixes of the configurations to run")
+    args = parser.parse_args(argv)
     quality_common.setup(args)
     rows = []
     with torch.no_grad():
         for name in args.models.split(","):
             variants = {f"adaptive guidance {t:g}": (lambda den: den, None, {"adaptive_guidance": t})
                         for t in THRESHOLDS}
-            variants.update(linear_ag_variants(name))
+            if not args.only or "linear ag" in args.only:  # fitting it samples 256 trajectories
+                variants.update(linear_ag_variants(name))
             if name == "digits-dit":
                 variants.update({f"step cache {t:g}": (lambda den, t=t: optimize(den, step_cache=t), None)
                                  for t in CACHE_THRESHOLDS})
@@ -106,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
                                      for t in EXIT_THRESHOLDS})
                     variants[f"early exit (whole batch) {BATCH_EXIT_THRESHOLD:g}"] = (
                         lambda den: den, None, {"early_exit": BATCH_EXIT_THRESHOLD, "early_exit_scope": "batch"})
+                    for scope in ("sample", "batch"):
+                        label = "early exit" if scope == "sample" else "early exit (whole batch)"
+                        variants[f"{label} {BATCH_EXIT_THRESHOLD:g} synchronous"] = (
+                            lambda den: den, None, {"early_exit": BATCH_EXIT_THRESHOLD, "early_exit_scope": scope,
+                                                    "early_exit_sync": True})
+            if args.only:
+                wanted = [w.strip() for w in args.only.split(",")]
+                variants = {k: v for k, v in variants.items() if any(k.startswith(w) for w in wanted)}
             rows.extend(quality_common.compare_variants(name, args.samples, variants))
     table = quality_common.markdown(rows, (("evaluations saved", "evaluations_saved"),
                                            ("blocks saved", "blocks_saved"),

@@ -173,20 +173,53 @@ class PreparedStep:
     """A solver step checked and dispatched once, for a caller that steps the same buffers many times: calling
     it with tensors of the prepared shape, dtypes and device (contiguous) runs the chosen backend directly;
     anything else goes through :func:`solver_step` (and its checks). ``history``, ``noise``, ``table``,
-    ``itable`` and ``step`` must be the tensors it was prepared with (the caller's own buffers)."""
+    ``itable`` and ``step`` must be the tensors it was prepared with (the caller's own buffers).
+
+    On the compiled backends the call passes the prepared buffers' pointers straight to the kernel: what is
+    left per call is comparing the four tensors with the prepared key and reading their pointers (a few
+    microseconds of host time; see ``bench/bench_sampler.py``)."""
 
     def __init__(self, x, cond, uncond, history, noise, table, itable, step, out, backend: str = "auto"):
         _check(x, cond, uncond, history, noise, table, itable, step, out)
         features = _features(x, cond, uncond, history, noise, table, itable, step)
-        self._run = registry.choose_for(OP, features, backend).run
+        chosen = registry.choose_for(OP, features, backend)
+        self._run = chosen.run
         self._backend = backend
-        self._key = (x.shape, x.dtype, cond.dtype, x.device, uncond is None)
-        self._buffers = (history, noise, table.contiguous(), itable.contiguous(), step)
+        self._shape, self._dtype, self._model_dtype, self._device = x.shape, x.dtype, cond.dtype, x.device
+        self._guided = uncond is not None
+        table, itable = table.contiguous(), itable.contiguous()
+        self._buffers = (history, noise, table, itable, step)
+        # the kernel arguments after (x, cond, uncond): history, noise, [out], table, itable, step, sizes, dtypes
+        self._native = None
+        if chosen.name in ("cpu", "cuda"):
+            module, _ = registry.native()
+            args = _native_args(x, cond, uncond, history, noise, table, itable, step, out)
+            self._native = (module.solver_step_cpu if chosen.name == "cpu" else module.solver_step_cuda,
+                            chosen.name == "cuda", args[3:5], args[6:])
+
+    def _matches(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, out: torch.Tensor) -> bool:
+        if (x.shape != self._shape or cond.shape != self._shape or out.shape != self._shape
+                or x.dtype != self._dtype or out.dtype != self._dtype or cond.dtype != self._model_dtype
+                or x.device != self._device or cond.device != self._device or out.device != self._device
+                or (uncond is not None) != self._guided
+                or not (x.is_contiguous() and cond.is_contiguous() and out.is_contiguous())):
+            return False
+        return uncond is None or (uncond.shape == self._shape and uncond.dtype == self._model_dtype
+                                  and uncond.device == self._device and uncond.is_contiguous())
 
     def __call__(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-        history, noise, table, itable, step = self._buffers
-        if ((x.shape, x.dtype, cond.dtype, x.device, uncond is None) != self._key or cond.shape != x.shape
-                or not (x.is_contiguous() and cond.is_contiguous() and out.is_contiguous())
-                or (uncond is not None and (uncond.shape != x.shape or not uncond.is_contiguous()))):
+        if not self._matches(x, cond, uncond, out):
+            history, noise, table, itable, step = self._buffers
             return solver_step(x, cond, uncond, history, noise, table, itable, step, out=out, backend=self._backend)
-        return self._run(x, cond, uncond, history, noise, table, itable, step, out)
+        if self._native is None:
+            return self._run(x, cond, uncond, *self._buffers, out)
+        kernel, on_cuda, buffers, rest = self._native
+        pointers = (x.data_ptr(), cond.data_ptr(), 0 if uncond is None else uncond.data_ptr(), *buffers, out.data_ptr())
+        if not on_cuda:
+            kernel(*pointers, *rest, torch.get_num_threads())
+        elif x.device.index is not None and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                kernel(*pointers, *rest, torch.cuda.current_stream().cuda_stream)
+        else:
+            kernel(*pointers, *rest, torch.cuda.current_stream().cuda_stream)
+        return out

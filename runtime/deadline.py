@@ -1,8 +1,10 @@
 """A per-frame deadline for StreamPipeline: degrade within the user's quality floor instead of dropping frames.
 
-``StreamPipeline(..., deadline=DeadlinePolicy(budget_ms=10))`` times every tick (the device is
-synchronised, so the time is the frame's); after ``patience`` ticks over the budget it takes the next
-rung of its ladder, and after ``patience`` ticks under ``recover_below`` x the budget it steps back.
+``StreamPipeline(..., deadline=DeadlinePolicy(budget_ms=10))`` times every tick: on CPU with ``clock``;
+on a GPU with a pair of CUDA events around the tick, read when they have completed (``query()``: the host
+never waits, so a tick's time counts a tick or more after it ran); after ``patience`` ticks over the budget
+it takes the next rung of its ladder, and after ``patience`` ticks under ``recover_below`` x the budget it
+steps back.
 The ladder is the user's quality floor: only the rungs in ``allow`` are ever taken, in that order:
 
 * ``"residual-guidance"``: full or initialize CFG -> residual CFG "self" (no unconditional rows;
@@ -21,10 +23,11 @@ Frames are never dropped. ``policy.rung`` is the rung in force (None: none), ``p
 """
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -48,6 +51,7 @@ class DeadlinePolicy:
     _over: int = 0
     _under: int = 0
     _original: dict | None = None
+    _timing: collections.deque = field(default_factory=collections.deque, repr=False)  # CUDA event pairs in flight
 
     def __post_init__(self) -> None:
         unknown = [r for r in self.allow if r not in LADDER]
@@ -59,14 +63,28 @@ class DeadlinePolicy:
     def rung(self) -> str | None:
         return self.allow[self.level - 1] if self.level else None
 
-    def start(self) -> float:
+    def start(self, device: torch.device | None = None) -> Any:
+        """Before a tick: the clock's time, or on a CUDA ``device`` an event recorded on its stream."""
+        if device is not None and device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
         return self.clock()
 
-    def observe(self, pipe, started: float) -> None:
-        """After a tick: measure it and move along the ladder if the budget says so."""
-        if pipe.device.type == "cuda":
-            torch.cuda.synchronize(pipe.device)
-        elapsed_ms = 1e3 * (self.clock() - started)
+    def observe(self, pipe, started: Any) -> None:
+        """After a tick: measure it (on a GPU, the ticks whose events have completed) and move along the
+        ladder if the budget says so."""
+        if isinstance(started, torch.cuda.Event):
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            self._timing.append((started, ended))
+            while self._timing and self._timing[0][1].query():
+                begin, end = self._timing.popleft()
+                self._judge(pipe, begin.elapsed_time(end))
+            return
+        self._judge(pipe, 1e3 * (self.clock() - started))
+
+    def _judge(self, pipe, elapsed_ms: float) -> None:
         if self._original is None:
             cache = getattr(pipe.den, "step_cache", None)
             self._original = {"cfg_type": pipe.cfg_type, "similarity_threshold": pipe.similarity_threshold,

@@ -155,6 +155,8 @@ def optimize(den: Denoiser, dtype: torch.dtype | None = None, attention: str | N
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype (torch.float16, torch.bfloat16, torch.float32) or None, got "
                         f"{dtype!r}")
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"cuda_graphs must be True or False, got {type(cuda_graphs).__name__} {cuda_graphs!r}")
     if cuda_graphs and backend != "native":
         raise NotImplementedError(f"cuda_graphs=True with backend={backend!r}: the engine replays its own graphs")
     if cuda_graphs and step_cache not in (None, False):

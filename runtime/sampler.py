@@ -11,16 +11,17 @@ import logging
 import math
 import numbers
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from diffrt.kernels import solver_step
+from diffrt.kernels import PreparedStep, solver_step
 
 from . import conditions
 from .denoiser import Denoiser
 from .early_exit import ExitState, exiting, has_exit_heads
+from .residency import LaggedRead
 from .solvers import plan_for, plan_from_scheduler
 from .solvers.plan import SolverPlan
 
@@ -30,12 +31,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class SamplerState:
     """A trajectory in flight: the sample, the history slots, the pre-drawn step noise
-    [n_noise, *x.shape] and the device-side step index (0-dim int64)."""
+    [n_noise, *x.shape] and the device-side step index (0-dim int64). The step kernel is bound to
+    these buffers on the first step (``prepared``): update them in place, never replace them."""
 
     x: torch.Tensor
     history: torch.Tensor | None
     noise: torch.Tensor | None
     step: torch.Tensor
+    prepared: PreparedStep | None = field(default=None, repr=False)  # the step kernel bound to these buffers
 
 
 class Sampler:
@@ -59,8 +62,13 @@ class Sampler:
         early_exit_scope: "sample" (rows exit one by one, the rest run compacted) or "batch" (the
             batch stops together at the first exit where every row is confident: static shapes).
         early_exit_graphs: run the segments between exits as CUDA graphs (one per padded batch bucket;
-            eager off CUDA), the exit decision the one host step between them.
+            eager off CUDA).
+        early_exit_sync: read the confident rows at every exit (one blocking read each) instead of planning the
+            compacted batches from the previous model calls (:mod:`diffrt.runtime.early_exit`; no host sync).
         backend: the solver-step backend ("auto", "reference", "cpu", "cuda").
+        generator_parity: draw stochastic solvers' step noise where ``sample``'s generator lives and copy it to
+            the noise's device, as diffusers does (its numbers with a CPU generator and CUDA noise, at one
+            host-to-device copy per draw); by default a generator on another device seeds one on the noise's.
         options: the scheduler class's options under diffusers' names (``use_karras_sigmas=True``,
             ``eta=0.5``, ...).
     """
@@ -68,10 +76,11 @@ class Sampler:
     def __init__(self, denoiser: Denoiser, solver: str = "dpmpp-2m", steps: int = 20,
                  guidance_scale: float | None = None, adaptive_guidance: Any = None, early_exit: Any = None,
                  linear_ag: Any = None, early_exit_scope: str = "sample", early_exit_graphs: bool = False,
-                 backend: str = "auto", **options: Any):
+                 early_exit_sync: bool = False, backend: str = "auto", generator_parity: bool = False, **options: Any):
         plan = plan_for(solver, denoiser.schedule, steps, **options)
         self._init(denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend, linear_ag, early_exit_scope,
-                   early_exit_graphs)
+                   early_exit_graphs, early_exit_sync)
+        self.generator_parity = bool(generator_parity)
 
     @classmethod
     def from_plan(cls, denoiser: Denoiser, plan: SolverPlan, guidance_scale: float | None = None,
@@ -94,12 +103,14 @@ class Sampler:
         return cls.from_plan(den, plan, guidance_scale, backend)
 
     def _init(self, denoiser, plan, guidance_scale, adaptive_guidance, early_exit, backend, linear_ag=None,
-              early_exit_scope: str = "sample", early_exit_graphs: bool = False) -> None:
+              early_exit_scope: str = "sample", early_exit_graphs: bool = False, early_exit_sync: bool = False) -> None:
         self.early_exit = _early_exit_threshold(early_exit, denoiser)
         if early_exit_scope not in ("sample", "batch"):
             raise ValueError(f"early_exit_scope must be 'sample' or 'batch', got {early_exit_scope!r}")
         self.early_exit_scope = early_exit_scope
         self.early_exit_graphs = bool(early_exit_graphs)
+        self.early_exit_sync = bool(early_exit_sync)
+        self._exit_memory: dict[tuple, dict[int, list[float]]] = {}  # early exit's plans, per trajectory step
         if self.early_exit_graphs and getattr(denoiser, "int8_mode", None) == "static":
             raise ValueError("early_exit_graphs=True with a calibrated INT8 denoiser: the segment graphs would keep "
                              "the capturing call's timestep groups; use early_exit_graphs=False with int8")
@@ -127,6 +138,7 @@ class Sampler:
         self.plan = plan
         self.guidance_scale = None if guidance_scale is None else float(guidance_scale)
         self.backend = backend
+        self.generator_parity = False
         self._device_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     @property
@@ -145,12 +157,26 @@ class Sampler:
         return self._device_tables[key]
 
     def draw_noise(self, shape: torch.Size, dtype: torch.dtype, device: torch.device,
-                   generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor | None:
-        """All step noise of the trajectory, [n_noise, *shape], drawn in the reference's order."""
+                   generator: torch.Generator | list[torch.Generator] | None, generator_parity: bool = False
+                   ) -> torch.Tensor | None:
+        """All step noise of the trajectory, [n_noise, *shape], drawn in the reference's order.
+
+        A generator on another device than the noise (a CPU generator, CUDA noise) seeds a generator on the
+        noise's device, which draws there: nothing is copied from the host. ``generator_parity=True`` draws
+        where the generator lives and copies, as diffusers' ``randn_tensor`` does (the same numbers as
+        diffusers with a CPU generator; one host-to-device copy per draw)."""
         if self.plan.n_noise == 0:
             return None
         noise_dtype = self.plan.noise_dtype or dtype
-        draws = [_randn(shape, generator, device, noise_dtype).to(dtype) for _ in range(self.plan.n_noise)]
+        if not generator_parity:
+            generator = _on_device(generator, device)
+        one = generator is None or isinstance(generator, torch.Generator)
+        if one and noise_dtype == dtype and (generator is None or generator.device.type == device.type):  # in place
+            noise = torch.empty((self.plan.n_noise, *shape), dtype=dtype, device=device)
+            for k in range(self.plan.n_noise):
+                noise[k].normal_(generator=generator)
+            return noise
+        draws = [randn_tensor(shape, generator, device, noise_dtype).to(dtype) for _ in range(self.plan.n_noise)]
         return torch.stack(draws)
 
     def sample(self, noise: torch.Tensor, cond: Any = None, uncond: Any = None,
@@ -164,12 +190,15 @@ class Sampler:
         sample after each step (it may sync; leave it out for speed). ``check=False`` skips the
         input validation, whose NaN scan syncs the host (needed inside CUDA graph capture).
         """
+        cond, uncond = _as_condition(cond, "cond", noise), _as_condition(uncond, "uncond", noise)
         if check:
             self._check_noise(noise)
             self._check_conditions(cond, uncond, noise.shape[0])
         self.stats = {}
         if self.early_exit is not None:
-            state = ExitState(self.early_exit, per_sample=self.early_exit_scope == "sample", graphs=self.early_exit_graphs)
+            memory = self._exit_memory.setdefault((self.early_exit, self.early_exit_scope), {})
+            state = ExitState(self.early_exit, per_sample=self.early_exit_scope == "sample", graphs=self.early_exit_graphs,
+                              synchronous=self.early_exit_sync, memory=memory)
             with exiting(state):
                 x = self._sample(noise, cond, uncond, generator, callback)
             self.stats = {**self.stats, "early_exit": state.stats}
@@ -188,55 +217,83 @@ class Sampler:
             model_cond = conditions.cat(conditions.expand(uncond, batch), conditions.expand(cond, batch))
         else:
             model_cond = cond
+        # host-known per-step values: the input scale as a kernel scalar (none when it is 1), the model
+        # timesteps as rows of a device table [steps, rows]; no per-step gather, no host read
+        scales = self.plan.input_scales().tolist()
+        rows = 2 * batch if guided else batch
+        timesteps = self.tables(state.x.device)[2].view(-1, 1).expand(-1, rows)
         for i in range(self.plan.steps):
-            x_in, t = self.model_inputs(state)
+            x_in = state.x if scales[i] == 1.0 else state.x * scales[i]
             if guided:
-                out_uncond, out_cond = self.denoiser(torch.cat([x_in, x_in]), t.repeat(2), model_cond).chunk(2)
+                out_uncond, out_cond = self.denoiser(torch.cat([x_in, x_in]), timesteps[i], model_cond).chunk(2)
             else:
-                out_cond, out_uncond = self.denoiser(x_in, t, model_cond), None
+                out_cond, out_uncond = self.denoiser(x_in, timesteps[i], model_cond), None
             self.step(state, out_cond, out_uncond)
             if callback is not None:
                 callback(i, state.x)
         return state.x
 
     def _sample_adaptive(self, state: "SamplerState", cond: Any, uncond: Any, callback) -> torch.Tensor:
-        """Guidance that skips unconditional passes, counted in ``self.stats``.
+        """Guidance that skips unconditional passes, counted in ``self.stats``; no host sync in the loop.
 
         Adaptive guidance: a sample keeps its unconditional pass until cos(cond, uncond prediction) >=
         the threshold, then runs conditional-only (uncond := cond, which the folded CFG step turns into
-        the plain conditional step) for the rest of its trajectory. The unconditional rows of the model
-        call are only the samples still guided (the batch is compacted); the decision stays on the
-        device, and one host read per step gives the compacted size. LinearAG: at its steps the
-        still-guided samples' unconditional predictions are estimated from the previous step's."""
+        the plain conditional step) for the rest of its trajectory. The decision is a device mask,
+        applied at once; the host learns how many samples are still guided through a non-blocking read
+        (:class:`~diffrt.runtime.residency.LaggedRead`) that may arrive a step or more late, and runs the
+        unconditional pass on that many rows: the still-guided ones first (a stable sort of the mask),
+        then rows already dropped, whose unconditional output the mask discards. The samples are the ones
+        a synchronous decision gives; the rows computed follow the decisions one read behind. LinearAG:
+        at its steps the still-guided samples' unconditional predictions are estimated from the
+        previous step's (the mask never changes without adaptive guidance: nothing to read)."""
         batch = state.x.shape[0]
         if not (conditions.is_condition(cond) and conditions.is_condition(uncond)):
             raise TypeError("adaptive guidance needs cond and uncond as tensors or dicts of tensors")
         cond, uncond = conditions.expand(cond, batch), conditions.expand(uncond, batch)
-        guided = torch.ones(batch, dtype=torch.bool, device=state.x.device)
+        device = state.x.device
+        guided = torch.ones(batch, dtype=torch.bool, device=device)
+        reader = LaggedRead(torch.zeros((), dtype=torch.int64, device=device)) if self.adaptive_guidance is not None else None
+        active = batch  # the host's bound on the guided samples: never below the device's count
         evaluations, per_step, estimated_steps = 0, [], 0
         previous: tuple[torch.Tensor, torch.Tensor] | None = None
+        scales = self.plan.input_scales().tolist()
+        timesteps = self.tables(device)[2]
+        shape = (-1, *([1] * (state.x.dim() - 1)))
         for i in range(self.plan.steps):
-            x_in, t = self.model_inputs(state)
-            rows = guided.nonzero().squeeze(1)
-            active = int(rows.numel())  # the one host read of the step: the compacted batch size
+            x_in = state.x if scales[i] == 1.0 else state.x * scales[i]
+            t = timesteps[i].expand(batch)
+            if reader is not None and (seen := reader.latest()) is not None:
+                active = min(active, int(seen))
             estimate = bool(active) and previous is not None and self.linear_ag is not None and self.linear_ag.estimates(i)
             if active and not estimate:
-                out = self.denoiser(torch.cat([x_in.index_select(0, rows), x_in]),
-                                    torch.cat([t.index_select(0, rows), t]),
-                                    conditions.concat(conditions.select(uncond, rows), cond))
-                out_guided_uncond, out_cond = out[:active], out[active:]
-                out_uncond = out_cond.index_copy(0, rows, out_guided_uncond)
+                if active == batch:
+                    out = self.denoiser(torch.cat([x_in, x_in]), torch.cat([t, t]), conditions.concat(uncond, cond))
+                    out_rows_uncond, out_cond = out[:batch], out[batch:]
+                    out_rows_cond, out_uncond = out_cond, out_rows_uncond
+                else:  # the guided samples first, then dropped ones up to the host's count
+                    rows = torch.argsort(guided.to(torch.uint8), descending=True, stable=True)[:active]
+                    out = self.denoiser(torch.cat([x_in.index_select(0, rows), x_in]),
+                                        torch.cat([t[:active], t]), conditions.concat(conditions.select(uncond, rows), cond))
+                    out_rows_uncond, out_cond = out[:active], out[active:]
+                    out_rows_cond = out_cond.index_select(0, rows)
+                    out_uncond = out_cond.index_copy(0, rows, out_rows_uncond)
+                out_uncond = torch.where(guided.view(shape), out_uncond, out_cond)
                 if self.adaptive_guidance is not None:
                     similar = torch.nn.functional.cosine_similarity(
-                        out_guided_uncond.flatten(1).float(), out_cond.index_select(0, rows).flatten(1).float(), dim=1)
-                    guided = guided.index_put((rows,), similar < self.adaptive_guidance)
+                        out_rows_uncond.flatten(1).float(), out_rows_cond.flatten(1).float(), dim=1)
+                    keep = similar < self.adaptive_guidance
+                    if active == batch:
+                        guided = guided & keep
+                    else:
+                        guided = guided.index_put((rows,), guided.index_select(0, rows) & keep)
+                    reader.request(guided.sum())
                 evaluations += batch + active
             else:
                 out_cond = self.denoiser(x_in, t, cond)
                 out_uncond = out_cond
                 if estimate:
                     guess = self.linear_ag.estimate(i, out_cond, previous[0], previous[1], x_in)
-                    out_uncond = torch.where(guided.view(-1, *([1] * (out_cond.dim() - 1))), guess, out_cond)
+                    out_uncond = torch.where(guided.view(shape), guess, out_cond)
                     estimated_steps += 1
                 evaluations += batch
             per_step.append(0 if estimate else active)
@@ -258,7 +315,7 @@ class Sampler:
         device = noise.device
         x = noise * self.plan.init_noise_sigma
         history = torch.zeros((self.plan.n_slots, *x.shape), dtype=x.dtype, device=device) if self.plan.n_slots else None
-        return SamplerState(x, history, self.draw_noise(x.shape, x.dtype, device, generator),
+        return SamplerState(x, history, self.draw_noise(x.shape, x.dtype, device, generator, self.generator_parity),
                             torch.zeros((), dtype=torch.int64, device=device))
 
     def model_inputs(self, state: "SamplerState") -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,9 +327,11 @@ class Sampler:
 
     def step(self, state: "SamplerState", out_cond: torch.Tensor, out_uncond: torch.Tensor | None = None) -> torch.Tensor:
         """One fused solver step from the model outputs; advances ``state`` in place, returns x."""
-        table, itable, _, _ = self.tables(state.x.device)
-        solver_step(state.x, out_cond, out_uncond, state.history, state.noise, table, itable, state.step,
-                    out=state.x, backend=self.backend)
+        if state.prepared is None:  # checked and dispatched once per trajectory
+            table, itable, _, _ = self.tables(state.x.device)
+            state.prepared = PreparedStep(state.x, out_cond, out_uncond, state.history, state.noise, table, itable,
+                                          state.step, state.x, self.backend)
+        state.prepared(state.x, out_cond, out_uncond, state.x)
         state.step += 1
         return state.x
 
@@ -313,6 +372,9 @@ class Sampler:
             if rows is not None and rows not in (1, batch):
                 raise ValueError(f"{name} has {rows} rows for {batch} samples: give one per sample, or one for all")
             classes = getattr(self.denoiser, "condition_classes", None)
+            if classes is not None and torch.is_tensor(value) and not value.is_floating_point() and value.dim() > 1:
+                raise ValueError(f"{name} holds class labels of shape {tuple(value.shape)}; give one label per "
+                                 "sample ([B]) or one for all")
             if classes is not None and torch.is_tensor(value) and not value.is_floating_point() and value.numel():
                 low, high = int(value.min()), int(value.max())
                 if low < 0 or high >= classes:
@@ -329,6 +391,22 @@ DEFAULT_ADAPTIVE_THRESHOLD = 0.95
 # exit uncertainty (tanh of the mean abs error), per sample: 56 % of the digits DiT's blocks saved at 0.6 points
 # of class accuracy (bench/results/cpu-20261201-adaptive-guidance.md; 0.1 saves 29 % at none, 0.3 costs 13 points)
 DEFAULT_EXIT_THRESHOLD = 0.2
+
+
+def _as_condition(value: Any, name: str, noise: torch.Tensor) -> Any:
+    """A condition given as Python numbers (a class label, a list of them) as a tensor on the noise's device
+    (converted once per ``sample()``, before the loop); tensors, dicts and None as they are."""
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a tensor, a dict of tensors, a class label or a list of them; got "
+                        f"{type(value).__name__} {value!r}")
+    if isinstance(value, numbers.Integral) or (isinstance(value, (list, tuple)) and value
+                                               and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                       for v in value)):
+        return torch.as_tensor(value, dtype=torch.int64, device=noise.device)
+    if isinstance(value, (numbers.Number, list, tuple)):
+        raise TypeError(f"{name} must be a tensor, a dict of tensors, a class label or a list of them; got "
+                        f"{type(value).__name__} {value!r}")
+    return value
 
 
 def _early_exit_threshold(option: Any, denoiser: Any) -> float | None:
@@ -358,14 +436,27 @@ def _adaptive_threshold(option: Any) -> float | None:
     raise ValueError(f"adaptive_guidance must be None, True or a cosine-similarity threshold, got {option!r}")
 
 
-def _randn(shape, generator, device, dtype) -> torch.Tensor:
-    """torch.randn as diffusers' randn_tensor draws it (CPU generator -> draw on CPU, then move)."""
+def randn_tensor(shape, generator, device, dtype) -> torch.Tensor:
+    """torch.randn as diffusers' randn_tensor draws it (a CPU generator draws on the CPU, then moves; a list
+    of generators draws one row each)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        return torch.cat([_randn((1, *shape[1:]), g, device, dtype) for g in generator])
+        return torch.cat([randn_tensor((1, *shape[1:]), g, device, dtype) for g in generator])
     draw_device = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def _on_device(generator: Any, device: torch.device) -> Any:
+    """``generator``, or where it lives on another device, a generator on ``device`` seeded from it (one draw
+    of the original: reproducible from its seed; a list is converted generator by generator)."""
+    if isinstance(generator, (list, tuple)):
+        return [_on_device(g, device) for g in generator]
+    if generator is None or generator.device == device:
+        return generator
+    seeded = torch.Generator(device)
+    seeded.manual_seed(int(torch.randint(0, 2**62, (), generator=generator)))
+    return seeded
 
 
 def _sync(device: torch.device) -> None:

@@ -3,8 +3,11 @@
 At every model call the first block runs; its residual r = block_0(h) - h is compared with the
 previous call's: when mean|r - r_prev| / mean|r_prev| < ``threshold`` the remaining blocks are
 skipped and the residual they added last time (``rest`` = h_N - h_1, cached when they last ran)
-is added back. Training-free; the decision is computed on the device and read once per call (the
-skip itself is a host branch: kernels are not launched). Works on any sequential block list:
+is added back. Training-free. The change is computed on the device and reaches the host through a
+non-blocking read (:class:`~diffrt.runtime.residency.LaggedRead`): a call decides on the newest change
+that has arrived, the previous call's on CPU (a call or more late on a GPU, where the host runs ahead),
+so no call waits for the device (``synchronous=True``: decide on the call's own change, one blocking
+read per call). The skip itself is a host branch: kernels are not launched. Works on any sequential block list:
 :class:`~diffrt.runtime.models.dit.DigitsDiT` (``blocks``) and diffusers' DiT / Transformer2D /
 PixArt (``transformer_blocks``); UNets (DeepCache's feature reuse) are not covered and are refused.
 
@@ -23,21 +26,24 @@ import torch
 from torch import nn
 
 from . import context
+from .residency import LaggedRead
 
 @dataclass
 class StepCache:
     """The state of one trajectory's first-block cache (module docstring)."""
 
     threshold: float = 0.05
+    synchronous: bool = False  # decide on the call's own change (a blocking read per call)
     calls: int = 0
     skipped: int = 0
     _previous: torch.Tensor | None = field(default=None, repr=False)
     _first_out: torch.Tensor | None = field(default=None, repr=False)
     _rest: torch.Tensor | None = field(default=None, repr=False)
     _skip: bool = False
+    _reader: LaggedRead | None = field(default=None, repr=False)
 
     def reset(self) -> None:
-        self._previous = self._first_out = self._rest = None
+        self._previous = self._first_out = self._rest = self._reader = None
         self._skip = False
 
     @property
@@ -51,10 +57,18 @@ class StepCache:
             out = forward(block, *args, **kwargs)
             residual = out - hidden
             self._skip = False
-            if self._previous is not None and self._previous.shape == residual.shape and self._rest is not None \
-                    and self._rest.shape == out.shape:
+            if self._previous is not None and self._previous.shape == residual.shape:
                 change = (residual - self._previous).abs().mean() / self._previous.abs().mean().clamp_min(1e-12)
-                self._skip = float(change) < self.threshold  # the one host read of the call
+                if self.synchronous:
+                    self._skip = float(change) < self.threshold  # the blocking read of the synchronous mode
+                elif self._reader is not None and (seen := self._reader.latest()) is not None:
+                    self._skip = float(seen) < self.threshold  # an earlier call's change, already on the host
+                if self._reader is None:
+                    self._reader = LaggedRead(change)
+                self._reader.request(change)
+                self._skip = self._skip and self._rest is not None and self._rest.shape == out.shape
+            else:
+                self._reader = None  # a new shape: earlier changes say nothing about it
             self._previous, self._first_out = residual, out
             self.calls += 1
             self.skipped += int(self._skip)

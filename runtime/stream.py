@@ -30,7 +30,9 @@ Classifier-free guidance (``cfg_type``; epsilon-prediction models for the residu
 The stochastic similarity filter (``similarity_threshold``): an input frame whose cosine
 similarity c to the previous input gives skip probability max(0, 1 - (1 - c) / (1 - threshold));
 a skipped frame returns the previous output without a model call, at most ``max_skip_frames`` in a
-row. Queues (:mod:`diffrt.runtime.stream_queues`): :meth:`start` runs ticks on a worker thread fed by
+row. The similarity reaches the host through a non-blocking read (:class:`~diffrt.runtime.residency.LaggedRead`):
+on CPU at once, on a GPU the newest one that has arrived (a frame or more late), so the filter never
+waits for the device. Queues (:mod:`diffrt.runtime.stream_queues`): :meth:`start` runs ticks on a worker thread fed by
 :meth:`submit` (a bounded queue: it blocks, or raises queue.Full after ``timeout``); :meth:`get`
 returns results in order; :meth:`close` drains the frames in flight (n - 1 bubble ticks) so none is
 lost; every ``timeout`` holds, and a closed pipeline starts again as a fresh stream.
@@ -47,8 +49,10 @@ runs a model with exit heads through layer early exit (not with ``cuda_graphs``)
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -56,6 +60,7 @@ import torch
 
 from .denoiser import Denoiser
 from .early_exit import ExitState, exiting, has_exit_heads
+from .residency import LaggedRead
 from .solvers.lcm import boundary_scalings, lcm_timesteps, lcm_x0
 from .stream_faults import StreamFaults
 from .stream_queues import StreamQueues, StreamWorkerError
@@ -114,6 +119,18 @@ class StreamPipeline(StreamFaults, StreamQueues):
                  early_exit: float | None = None, frame_shape: tuple[int, ...] | None = None):
         if cfg_type not in CFG_TYPES:
             raise ValueError(f"cfg_type must be one of {', '.join(CFG_TYPES)}, got {cfg_type!r}")
+        _check_number("guidance_scale", guidance_scale)
+        _check_number("delta", delta)
+        for name, value, low in (("num_inference_steps", num_inference_steps, 1),
+                                 ("original_inference_steps", original_inference_steps, 1),
+                                 ("max_skip_frames", max_skip_frames, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if similarity_threshold is not None and (isinstance(similarity_threshold, bool) or
+                                                 not isinstance(similarity_threshold, (int, float)) or
+                                                 not -1.0 <= similarity_threshold < 1.0):
+            raise ValueError(f"similarity_threshold must be None or a cosine similarity in [-1, 1), got "
+                             f"{similarity_threshold!r}")
         if cfg_type != "none" and uncond is None and cfg_type != "self":
             raise ValueError(f"cfg_type={cfg_type!r} needs uncond (the unconditional condition)")
         if cfg_type in ("self", "initialize") and den.prediction_type != "epsilon":
@@ -126,10 +143,11 @@ class StreamPipeline(StreamFaults, StreamQueues):
                 list(t_index_list) != sorted(set(t_index_list)):
             raise ValueError(f"t_index_list must be increasing indices into {len(all_steps)} LCM steps, got "
                              f"{t_index_list}")
-        self.den, self.cond, self.uncond = den, cond, uncond
+        self.device = torch.device(device or den.device or "cpu")
+        # Python conditions become device tensors once, here: the tick copies nothing from the host
+        self.den, self.cond, self.uncond = den, _on_device(cond, self.device), _on_device(uncond, self.device)
         self.guidance_scale, self.cfg_type, self.delta = float(guidance_scale), cfg_type, float(delta)
         self.img2img, self.encode, self.decode = img2img, encode or (lambda f: f), decode or (lambda z: z)
-        self.device = torch.device(device or den.device or "cpu")
         self.timesteps = torch.tensor([float(all_steps[i]) for i in t_index_list], device=self.device)
         self.stages = len(t_index_list)
         abar = den.schedule.alphas_cumprod
@@ -145,6 +163,9 @@ class StreamPipeline(StreamFaults, StreamQueues):
             (self.latent_shape if encode is None else None)
         self.generator = torch.Generator().manual_seed(seed)
         self.init_noise = torch.randn(self.stages, *self.latent_shape, generator=self.generator).to(self.device)
+        # generated frames' noise is drawn where it is used (no host-to-device copy per tick)
+        self.entry_generator = self.generator if self.device.type == "cpu" else \
+            torch.Generator(self.device).manual_seed(seed + 2)
         self.similarity_threshold, self.max_skip_frames = similarity_threshold, max_skip_frames
         self.skip_generator = torch.Generator().manual_seed(seed + 1)
         self.stats = StreamStats()
@@ -171,9 +192,11 @@ class StreamPipeline(StreamFaults, StreamQueues):
         self.buffer_conds: list[Any] = [_EMPTY] * (self.stages - 1)
         self.stock_noise = self.init_noise.clone()
         self.previous_frame, self.previous_output, self.skip_run = None, None, 0
+        self._similarity: LaggedRead | None = None  # the filter's cosine similarities, read without waiting
         self._last_entry = None
         self.next_id = 0
         self.failures: dict[int, str] = {}  # frames in flight that failed: id -> why (they leave as error results)
+        self._finite_checks: collections.deque = collections.deque()  # (frame ids, LaggedRead) of ticks not read yet
 
     def _bcast(self, v: torch.Tensor, rows: int) -> torch.Tensor:
         return v[:rows].reshape(rows, *([1] * len(self.latent_shape)))
@@ -182,7 +205,7 @@ class StreamPipeline(StreamFaults, StreamQueues):
         """What enters stage 0: the frame (img2img; encoded in the tick) or fresh seeded noise."""
         if self.img2img and frame is not None:
             return frame.to(self.device).reshape(1, *self._unbatched_shape(frame)).float()
-        return torch.randn(1, *self.latent_shape, generator=self.generator).to(self.device)
+        return torch.randn(1, *self.latent_shape, generator=self.entry_generator, device=self.device)
 
     def _conds(self, conds: list[Any]) -> Any:
         """The model's cond for the rows (each frame's, resolved when it entered). Empty stages (warm-up,
@@ -319,7 +342,7 @@ class StreamPipeline(StreamFaults, StreamQueues):
         """One batched model call: ``entry`` enters stage 0, every frame moves one stage, the last leaves."""
         ids, conds = [frame_id, *self.buffer_ids], [entry_cond, *self.buffer_conds]
         cond_rows = self._conds(conds)
-        started = self.deadline.start() if self.deadline is not None else None
+        started = self.deadline.start(self.device) if self.deadline is not None else None
         rung = None if self.deadline is None else self.deadline.rung
         with torch.no_grad(), self._exits():
             image, buffer, stock = self._run_tick(entry, self.buffer, self.stock_noise,
@@ -373,7 +396,11 @@ class StreamPipeline(StreamFaults, StreamQueues):
             self.skip_run = 0
             return False
         cosine = torch.nn.functional.cosine_similarity(frame.flatten().float(), previous.flatten().float(), dim=0)
-        probability = max(0.0, 1.0 - (1.0 - float(cosine)) / (1.0 - self.similarity_threshold))
+        if self._similarity is None or self._similarity.on_cuda != cosine.is_cuda:
+            self._similarity = LaggedRead(cosine)
+        self._similarity.request(cosine)
+        seen = self._similarity.latest()  # this frame's similarity, or an earlier one's still in flight on a GPU
+        probability = 0.0 if seen is None else max(0.0, 1.0 - (1.0 - float(seen)) / (1.0 - self.similarity_threshold))
         if float(torch.rand((), generator=self.skip_generator)) < probability:
             self.skip_run += 1
             self.stats.skipped += 1
@@ -421,6 +448,16 @@ def _cat(a: Any, b: Any) -> Any:
     if a is None or b is None:
         return None
     return torch.cat([a, b])
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _on_device(value: Any, device: torch.device) -> torch.Tensor | None:
+    """A condition given as a Python value (a label, a list) or a tensor, as a tensor on ``device``."""
+    return None if value is None else torch.as_tensor(value, device=device)
 
 
 def _as_row(cond: Any, device) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ and the blocks saved are counted."""
 import pytest
 import torch
 from diffrt.runtime import Sampler, models
+from diffrt.runtime.early_exit import ExitState
 from diffrt.runtime.models import exits
 
 
@@ -34,10 +35,11 @@ def test_training_is_seeded_and_saved(trained):
     assert set(den.model.state_dict()) == set(models.load("digits-dit").model.state_dict())  # heads kept apart
 
 
-def _sample(den, early_exit, scope="sample", labels=(0, 1, 2, 3), seed=0):
+def _sample(den, early_exit, scope="sample", labels=(0, 1, 2, 3), seed=0, sync=False):
     labels = torch.tensor(labels)
     noise = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(seed))
-    sampler = Sampler(den, "dpmpp-2m", 5, guidance_scale=3.0, early_exit=early_exit, early_exit_scope=scope)
+    sampler = Sampler(den, "dpmpp-2m", 5, guidance_scale=3.0, early_exit=early_exit, early_exit_scope=scope,
+                      early_exit_sync=sync)
     x = sampler.sample(noise, cond=labels, uncond=torch.full_like(labels, models.NULL_CLASS))
     return x, sampler.stats.get("early_exit")
 
@@ -49,9 +51,40 @@ def test_threshold_zero_is_the_full_model_and_one_exits_first(trained, scope):
     never, stats = _sample(den, 0.0, scope)
     rows = 5 * 8  # 5 steps, 4 conditional + 4 unconditional rows
     assert torch.equal(never, full) and stats["blocks_saved_fraction"] == 0 and stats["exits"] == {6: rows}
-    first, stats = _sample(den, 1.0, scope)
+    first, stats = _sample(den, 1.0, scope, sync=True)  # every row confident at the first exit: all leave there
     assert stats["exits"] == {2: rows} and stats["blocks_saved_fraction"] == pytest.approx(1 - 2 / 6)
     assert not torch.equal(first, full)
+    # planned from the previous call (no host read): the first call has no plan, runs every row to the end
+    # and takes exit 2's outputs; the later calls let every row go at exit 2: the same samples
+    planned, stats = _sample(den, 1.0, scope)
+    assert torch.equal(planned, first)
+    assert stats["exits"] == {2: rows - 8, 6: 8}
+    assert stats["blocks_saved_fraction"] == pytest.approx(1 - (2 * (rows - 8) + 6 * 8) / (6 * rows))
+
+
+def test_a_sampler_plans_later_trajectories_from_the_same_calls_of_earlier_ones(trained):
+    den, *_ = trained
+    labels = torch.tensor((0, 1, 2, 3))
+    noise = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler(den, "dpmpp-2m", 5, guidance_scale=3.0, early_exit=1.0)
+    uncond = torch.full_like(labels, models.NULL_CLASS)
+    first = sampler.sample(noise, cond=labels, uncond=uncond)
+    assert sampler.stats["early_exit"]["exits"] == {2: 32, 6: 8}  # the first call had no plan
+    again = sampler.sample(noise, cond=labels, uncond=uncond)
+    assert sampler.stats["early_exit"]["exits"] == {2: 40}  # its first call planned from the first trajectory's
+    assert torch.equal(again, first)
+
+
+def test_the_plan_follows_the_observed_fractions():
+    state = ExitState(0.2)
+    assert state.plan(8, 2) == [8, 8]  # nothing observed yet: every row runs on
+    state.begin(4, 3)
+    state.observe(torch.tensor([3, 1]), 4)  # of 4 rows, 3 unfinished after exit 1, 1 after exit 2
+    assert state.plan(8, 2) == [6, 2] and state.plan(5, 2) == [4, 2]  # rounded up
+    state.begin(4, 3)
+    state.observe(torch.tensor([0, 2]), 4)  # a count cannot grow along the exits of one call's plan
+    assert state.plan(4, 2) == [0, 0]
+    assert state.plan(4, 3) == [4, 4, 4]  # another model's exits: no plan
 
 
 def _threshold_between_rows(den, labels):
@@ -71,18 +104,21 @@ def test_rows_exit_one_by_one_and_each_keeps_its_own_trajectory():
     den = models.load("digits-dit")  # the shipped heads
     labels = (0, 3, 5, 8, 9, 1)
     threshold = _threshold_between_rows(den, labels)
-    together, stats = _sample(den, threshold, labels=labels, seed=0)
+    together, stats = _sample(den, threshold, labels=labels, seed=0, sync=True)
     assert len(stats["exits"]) >= 2  # rows left at different depths
     assert 0 < stats["blocks_saved_fraction"] < 1
     for i, label in enumerate(labels):
         noise = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(0))[i:i + 1]
-        sampler = Sampler(den, "dpmpp-2m", 5, guidance_scale=3.0, early_exit=threshold)
+        sampler = Sampler(den, "dpmpp-2m", 5, guidance_scale=3.0, early_exit=threshold, early_exit_sync=True)
         y = torch.tensor([label])
         alone = sampler.sample(noise, cond=y, uncond=torch.full_like(y, models.NULL_CLASS))
         torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-4, atol=1e-4)
     # the batch scope waits for the least confident row: it saves less at the same threshold
-    _, batch_stats = _sample(den, threshold, "batch", labels=labels, seed=0)
+    _, batch_stats = _sample(den, threshold, "batch", labels=labels, seed=0, sync=True)
     assert batch_stats["blocks_saved_fraction"] < stats["blocks_saved_fraction"]
+    # planned from the previous calls: rows are compacted without a host read, and still exit at several depths
+    planned, planned_stats = _sample(den, threshold, labels=labels, seed=0)
+    assert len(planned_stats["exits"]) >= 2 and 0 < planned_stats["blocks_saved_fraction"] < 1
 
 
 def test_early_exit_needs_heads_and_a_threshold():

@@ -20,13 +20,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                       "diffrt.runtime.graphs", "diffrt.runtime.step_cache", "diffrt.runtime.linear_ag",
                       "diffrt.runtime.attention", "diffrt.runtime.deadline", "diffrt.runtime.stream",
                       "diffrt.runtime.stream_faults", "diffrt.runtime.stream_queues",
-                      "diffrt.runtime.quality_stats", "diffrt.runtime.conditions", "diffrt.runtime.diffusers_models")),
+                      "diffrt.runtime.quality_stats", "diffrt.runtime.conditions", "diffrt.runtime.diffusers_models",
+                      "diffrt.runtime.residency", "diffrt.runtime.conditional_graphs")),
     ("export", ("diffrt.export",)),
     ("optimize", ("diffrt.runtime", "diffrt.runtime.optimized", "diffrt.runtime.acceleration",
                   "diffrt.runtime.pipeline", "diffrt.runtime.fused_scheduler")),
     ("reference models", ("diffrt.runtime.models", "diffrt.runtime.quality", "diffrt.runtime.demo")),
     ("tools", ("diffrt.bench",)),
-    ("applications", ("diffrt.serve", "diffrt.runtime.cli", "diffrt.bench.load_serve")),
+    ("applications", ("diffrt.serve", "diffrt.runtime.cli", "diffrt.bench.load_serve", "diffrt.bench.attacks")),
 ]
 
 

@@ -33,9 +33,20 @@ def test_a_skipped_call_adds_the_cached_residual(dit):
     fast.reset_cache()
     with torch.no_grad():
         first = fast(x, t, y)
-        second = fast(x, t, y)  # same input: same first block, the rest re-added from the cache
+        second = fast(x, t, y)  # the first change is measured here; a call decides on an earlier call's change
+        assert fast.step_cache.stats["skipped"] == 0
+        third = fast(x, t, y)  # same input: same first block, the rest re-added from the cache
     assert fast.step_cache.stats["skipped"] == 1
     torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(third, first, rtol=1e-5, atol=1e-5)
+    fast.reset_cache()
+    fast.step_cache.synchronous = True  # decide on the call's own change: the second call skips already
+    with torch.no_grad():
+        fast(x, t, y)
+        second = fast(x, t, y)
+    assert fast.step_cache.stats["skipped"] == 2
+    torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
+    fast.step_cache.synchronous = False
     with torch.no_grad():
         third = fast(x * 1.5, torch.tensor([100.0, 100.0]), y)
     assert (third - dit(x * 1.5, torch.tensor([100.0, 100.0]), y)).abs().max() > 1e-4  # an approximation

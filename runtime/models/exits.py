@@ -17,7 +17,8 @@ an :class:`~diffrt.runtime.early_exit.ExitState` in the call context, and the Di
 to :meth:`ExitHeads.exiting_forward`): the batch runs block by block;
 at each exit the rows whose uncertainty is below ``threshold`` take that exit's prediction and leave,
 the others run on as a compacted batch (``early_exit_scope="batch"``: the whole batch stops at the
-first exit where every row is below it). One host read per exit point; ``threshold`` 0 never exits
+first exit where every row is below it). The decisions stay on the device and the host plans the
+compacted batches from earlier calls (:mod:`diffrt.runtime.early_exit`); ``threshold`` 0 never exits
 (u > 0), so it is the full model. The ExitState counts the blocks run per row.
 
 Train and ship the heads with ``python -m diffrt.runtime.models.train --model digits-dit-exits``.
@@ -140,7 +141,7 @@ def exit_segments(dit: DigitsDiT, graphs: bool) -> ExitSegments:
 def exiting_forward(dit: DigitsDiT, state: ExitState, x, t, y) -> torch.Tensor:
     """The DiT's forward stopping at the first confident exit (module docstring): per sample (the rows
     that are confident leave, the rest run on compacted) or for the whole batch at once. Segments
-    between exits run as CUDA graphs when ``state.graphs``; one host read decides between them."""
+    between exits run as CUDA graphs when ``state.graphs``; no host read decides between them."""
     from diffrt.export import quant  # noqa: PLC0415 - INT8 groups follow the compacted rows
 
     heads = dit.exit_heads
@@ -150,34 +151,53 @@ def exiting_forward(dit: DigitsDiT, state: ExitState, x, t, y) -> torch.Tensor:
 
 
 def _exit_loop(dit, heads, segments, state, h, c, quant, narrowed: contextlib.ExitStack) -> torch.Tensor:
-    rows = torch.arange(h.shape[0], device=h.device)  # the rows still running, into the output
+    """The exit loop without host syncs (:mod:`diffrt.runtime.early_exit`): at exit k the device marks the
+    rows that are confident (``finished``: their output is that exit's prediction), the host keeps
+    ``plan[k]`` rows running, the unfinished ones first and the most uncertain of them first; rows
+    leaving unfinished take exit k's prediction too."""
+    batch, exits = h.shape[0], len(heads.depths)
+    rows = torch.arange(batch, device=h.device)  # the rows still running, into the output
+    done = torch.zeros(batch, dtype=torch.bool, device=h.device)  # of the running rows: output already fixed
+    unfinished = torch.zeros(exits, dtype=torch.int64, device=h.device)  # per exit, for the next calls' plans
+    let_go = torch.zeros((), dtype=torch.int64, device=h.device)  # rows sent away unfinished at earlier exits
+    plan = None if state.synchronous else state.plan(batch, exits)
     out: torch.Tensor | None = None
-    state.begin(h.shape[0], dit.num_blocks)
+    state.begin(batch, dit.num_blocks)
     for index, depth in enumerate(heads.depths):
+        running = rows.shape[0]
         h, u, *predicted = segments.run(index, h, c)
         confident = u < state.threshold
         if not state.per_sample:
-            confident = confident.all().expand(confident.shape[0])
-        leaving = int(confident.sum())  # the one host read of the exit point
-        if not leaving:
-            continue
-        prediction = predicted[0][confident] if predicted else heads.predict(dit, index, h[confident], c[confident])
-        state.count(depth, leaving)
-        if leaving == rows.numel() and out is None:
-            return prediction
+            confident = confident.all().expand(running)
+        finished = done | confident
+        left = (~finished).sum()
+        unfinished[index] = left + let_go  # rows let go unfinished count as unfinished here too: no ratchet down
+        keep = int(left) if plan is None else min(plan[index], running)  # int(left): the synchronous mode's read
+        prediction = predicted[0] if predicted else heads.predict(dit, index, h, c)
         if out is None:
-            out = prediction.new_empty((rows.numel(), *prediction.shape[1:]))
-        out.index_copy_(0, rows[confident], prediction)
-        if leaving == rows.numel():
+            out = prediction.new_zeros((batch, *prediction.shape[1:]))
+        # the unfinished rows first, the most uncertain first: the plan keeps those
+        order = torch.argsort(torch.where(finished, -1.0, u.float()), descending=True, stable=True)
+        staying, leaving = order[:keep], order[keep:]
+        take = (finished & ~done).index_fill(0, leaving, True) & ~done  # newly finished, or sent away unfinished
+        if keep < running:
+            forced = (~finished).index_select(0, leaving).sum()
+            let_go = let_go + forced
+            state.let_go(forced)
+        out.index_copy_(0, rows, torch.where(take.view(-1, *([1] * (out.dim() - 1))), prediction, out.index_select(0, rows)))
+        state.count(depth, running - keep)
+        if keep == 0:
+            state.observe(unfinished, batch)
             return out
-        staying = ~confident
-        h, c, rows = h[staying], c[staying], rows[staying]
-        narrowed.enter_context(quant.keep_samples(staying))
-    prediction = segments.run(len(heads.depths), h, c)
-    state.count(dit.num_blocks, rows.numel())
-    if out is None:
-        return prediction
-    return out.index_copy_(0, rows, prediction)
+        if keep < running:
+            h, c, rows = h.index_select(0, staying), c.index_select(0, staying), rows.index_select(0, staying)
+            finished = finished.index_select(0, staying)
+            narrowed.enter_context(quant.keep_samples(staying))
+        done = finished
+    final = segments.run(exits, h, c)
+    state.count(dit.num_blocks, rows.shape[0])
+    state.observe(unfinished, batch)
+    return out.index_copy_(0, rows, torch.where(done.view(-1, *([1] * (out.dim() - 1))), out.index_select(0, rows), final))
 
 
 def train_exit_heads(dit: DigitsDiT, schedule, every: int = 1, steps: int = 1500, batch_size: int = 64,
