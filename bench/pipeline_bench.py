@@ -10,6 +10,7 @@ does (:func:`~diffrt.bench.benchmark.time_rows`):
 * ``diffusers-eager``: the pipeline as it is, in the benchmark dtype;
 * ``diffusers-compile``: the same with ``torch.compile`` on (a copy of) its denoiser;
 * ``exact``: ``diffrt.runtime.accelerate(pipe)`` with no approximation (fused step, diffrt attention);
+* ``graphs``: ``accelerate(pipe, cuda_graphs=True)``: the same, each denoiser call replayed from a CUDA graph;
 * ``tuned``: ``accelerate(pipe, config=FILE)`` with a ``diffrt tune`` file (``--config``).
 
 PSNR is against the fp32 pipeline's output. Families without a pipeline class (lipsync, the digits
@@ -130,11 +131,13 @@ def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, dt
         compile_mode: str | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """The pipeline rows (module docstring; ``configs``: a subset of :data:`ROWS`, default all) for ``workload``:
     {"rows", "workload", "settings"} as ``diffrt bench``."""
-    names = list(ROWS) if not configs or configs == ["all"] else list(dict.fromkeys(configs))
-    unknown = [n for n in names if n not in ROWS]
-    if unknown:
-        raise ValueError(f"--pipeline rows are {', '.join(ROWS)} (and 'tuned' with --config); got {', '.join(unknown)}")
     device = workload.den.device or torch.device("cpu")
+    default = [*ROWS, "graphs"] if device.type == "cuda" else list(ROWS)  # off CUDA "graphs" would be "exact" again
+    names = default if not configs or configs == ["all"] else list(dict.fromkeys(configs))
+    unknown = [n for n in names if n not in (*ROWS, "graphs")]
+    if unknown:
+        raise ValueError(f"--pipeline rows are {', '.join(ROWS)}, graphs (and 'tuned' with --config); got "
+                         f"{', '.join(unknown)}")
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     compile_mode = compile_mode or ("reduce-overhead" if device.type == "cuda" else "default")
     pipe, kwargs = build_pipeline(workload, batch, seed)
@@ -151,15 +154,15 @@ def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, dt
         setattr(variant, name, torch.compile(getattr(variant, name), mode=compile_mode))
         return _caller(variant, typed_kwargs, seed)
 
-    def diffrt(config: str | Path | None) -> Callable[[], Callable[[], torch.Tensor]]:
+    def diffrt(config: str | Path | None, **options: Any) -> Callable[[], Callable[[], torch.Tensor]]:
         def build():
             variant, _ = _variant(pipe, dtype, copy_denoiser=True)
-            accelerate(variant, config=config)
+            accelerate(variant, config=config, **options)
             return _caller(variant, typed_kwargs, seed)
         return build
 
     builders = {"diffusers-eager": ("baseline", eager), "diffusers-compile": ("baseline", compiled),
-                "exact": ("diffrt", diffrt(None))}
+                "exact": ("diffrt", diffrt(None)), "graphs": ("diffrt", diffrt(None, cuda_graphs=True))}
     jobs = [(name, *builders[name]) for name in names]
     if tuned is not None:
         jobs.append(("tuned", "diffrt", diffrt(tuned)))
@@ -167,8 +170,8 @@ def run(workload: Workload, batch: int = 1, configs: list[str] | None = None, dt
     for name, kind, build in tqdm(jobs, desc=f"bench {workload.name} pipeline", unit="config", disable=not progress):
         row, fn = prepare_row(name, kind, build, reference, workload, device, warmup)
         if kind == "diffrt":
-            row.update({"exact": name == "exact",
-                        "acceleration": "accelerate(pipe)" + ("" if name == "exact" else f", config={tuned}")})
+            options = {"exact": "", "graphs": ", cuda_graphs=True"}.get(name, f", config={tuned}")
+            row.update({"exact": name in ("exact", "graphs"), "acceleration": f"accelerate(pipe{options})"})
         rows.append(row)
         if fn is not None:
             timed.append((row, fn))

@@ -29,6 +29,7 @@ import torch
 
 from diffrt.kernels import PreparedStep
 
+from .sampler import randn_tensor
 from .solvers import plan_from_scheduler
 from .solvers.plan import Combo, SolverPlan
 
@@ -126,7 +127,7 @@ class FusedScheduler:
     # ------------------------------------------------------------------ plans and the fused step
 
     def _options(self, slice_start: int | None = None) -> dict[str, Any]:
-        """The plan's step options: step()'s (eta, ...) and, for PNDM started mid-list, ``begin``."""
+        """The plan's step options: step()'s (eta, ...) and, for a multistep plan started mid-list, ``begin``."""
         start = self._slice if slice_start is None else slice_start
         return {**self._step_options, **({"begin": start} if start else {})}
 
@@ -191,15 +192,23 @@ class FusedScheduler:
         plan = self._plan
         expected = plan.rows[self._begin].timestep if self._begin < plan.steps else None
         given = float(torch.as_tensor(timestep).reshape(-1)[0])  # once per trajectory
+        restarts = type(self._scheduler).__name__ in RESTARTING
         if expected is not None and _same(given, expected):
             if self._begin and not _starts_fresh(plan, self._begin):
-                self.__dict__["_plan"] = self._fall_back(
-                    f"a loop that starts at step {self._begin} (img2img) of a multistep plan: diffusers restarts the "
-                    "solver's history there, the plan's rows carry it")
+                if restarts:  # the plan of the rows from there, the solver's warm-up started afresh
+                    self.__dict__.update(_slice=self._begin, _begin=0)
+                    self.__dict__["_plan"] = self._plan_for(self._options())
+                else:
+                    self.__dict__["_plan"] = self._fall_back(
+                        f"a loop that starts at step {self._begin} (img2img) of a multistep plan: diffusers restarts "
+                        "the solver's history there, the plan's rows carry it")
             return
         starts = [i for i, row in enumerate(plan.rows) if _same(row.timestep, given)]
         if starts and _starts_fresh(plan, starts[0]):
             self.__dict__["_begin"] = starts[0]
+        elif starts and restarts and type(self._scheduler).__name__ != "PNDMScheduler":
+            self.__dict__.update(_slice=starts[0], _begin=0)
+            self.__dict__["_plan"] = self._plan_for(self._options())
         elif starts and type(self._scheduler).__name__ == "PNDMScheduler":
             self.__dict__.update(_slices=starts, _slice=starts[0], _begin=0)
             self.__dict__["_plan"] = self._plan_for(self._options())
@@ -231,7 +240,7 @@ class FusedScheduler:
             state.noise_index = _noise_index(plan)
         row = plan.rows[state.row]
         if row.noise:
-            draw = _randn(sample.shape, generator, sample.device, plan.noise_dtype or model_output.dtype)
+            draw = randn_tensor(sample.shape, generator, sample.device, plan.noise_dtype or model_output.dtype)
             state.noise[state.noise_index[state.row]] = draw.to(sample.dtype)
         out = torch.empty_like(sample, memory_format=torch.contiguous_format)
         if state.launch is None or state.launch_plan is not plan:
@@ -313,6 +322,11 @@ def _device_tables(plan: SolverPlan, device: torch.device) -> tuple[torch.Tensor
     return tables[device]
 
 
+# multistep schedulers whose plans take the step option ``begin``: a loop started mid-list (img2img) restarts the
+# solver's warm-up there, as diffusers does
+RESTARTING = ("PNDMScheduler", "DPMSolverMultistepScheduler", "DEISMultistepScheduler")
+
+
 def _starts_fresh(plan: SolverPlan, begin: int) -> bool:
     """Whether the rows from ``begin`` on read no history slot before one of them writes it (they do not depend
     on the rows before: the trajectory may start there)."""
@@ -360,11 +374,3 @@ def _with_signature(function, signature: inspect.Signature):
         return function(*args, **kwargs)
     proxy.__signature__ = signature
     return proxy
-
-
-def _randn(shape, generator, device, dtype) -> torch.Tensor:
-    """torch.randn as diffusers' randn_tensor draws it (a CPU generator draws on the CPU, then moves)."""
-    if isinstance(generator, (list, tuple)):
-        return torch.cat([_randn((1, *shape[1:]), g, device, dtype) for g in generator])
-    draw_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)

@@ -22,18 +22,31 @@ Options are :func:`optimize`'s: ``dtype`` (a converted copy of the denoiser runs
 that dtype and its outputs back), ``attention`` ("auto": diffrt's attention on CUDA, the model's own
 elsewhere, where diffrt's would be the same SDPA call; a backend name installs diffrt's processors
 anyway; None leaves the model's), ``todo``, ``sparse``, ``int8``, ``step_cache``, ``config`` (a ``diffrt
-tune`` file: its model-side part), plus ``step_backend`` (the solver-step backend). Not yet for
-pipelines (refused with NotImplementedError): ``cuda_graphs`` on CUDA, ``adaptive_guidance``, ``linear_ag``.
+tune`` file: its model-side part), plus ``step_backend`` (the solver-step backend) and
+``adaptive_guidance`` (True or a cosine-similarity threshold, as the Sampler's): in a pipeline call that runs
+CFG, a sample whose conditional and unconditional predictions agree that closely drops its unconditional
+rows for the rest of the call (the model is called on the still-guided unconditional rows and every
+conditional row; the pipeline gets the conditional prediction in place of the dropped ones, so its own CFG
+step becomes the conditional step). The decision is a device mask; the host learns how many samples are
+still guided through a non-blocking read, a call or more late (no host sync). The evaluations saved are in
+``acceleration_of(pipe).guidance_stats``. ``cuda_graphs``: the denoiser call is captured in a CUDA graph
+per bucket (the shapes, dtypes and devices of its tensor arguments, and its other arguments' values) and
+replayed; off CUDA it runs eagerly. It does not compose with ``step_cache`` (a host decision per call).
+Not for pipelines (refused with NotImplementedError): ``linear_ag`` (its coefficients are fitted on a
+Sampler's plan).
 """
 from __future__ import annotations
 
+import inspect
 import logging
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from . import context
+from .residency import LaggedRead
 from .fused_scheduler import FusedScheduler
 from .optimized import OptimizedDenoiser, optimize
 
@@ -53,6 +66,13 @@ class PipelineAcceleration:
     fast: OptimizedDenoiser
     step_backend: str
     last_scheduler: FusedScheduler | None = None
+    guidance: "AdaptiveGuidance | None" = None
+    graphs: "GraphedCalls | None" = None
+
+    @property
+    def guidance_stats(self) -> dict[str, Any] | None:
+        """Adaptive guidance's model rows of the last call (None without adaptive guidance)."""
+        return None if self.guidance is None else self.guidance.stats
 
     @property
     def fallback(self) -> str | None:
@@ -66,15 +86,16 @@ def accelerate(pipe: Any, *, dtype: torch.dtype | None = None, attention: str | 
                step_backend: str = "auto") -> Any:
     """Accelerate a diffusers pipeline in place and return it (module docstring)."""
     denoiser_name = _denoiser_name(pipe)
-    if adaptive_guidance is not None or linear_ag is not None:
-        raise NotImplementedError("adaptive_guidance / linear_ag are not implemented for accelerate(pipe) yet: the "
-                                  "pipeline does its own CFG (use Sampler(..., adaptive_guidance=...) on a Denoiser)")
+    if linear_ag is not None:
+        raise NotImplementedError("linear_ag is not implemented for accelerate(pipe): its coefficients are fitted on a "
+                                  "Sampler's plan (use Sampler(..., linear_ag=fit_linear_ag(...)) on a Denoiser)")
+    from .sampler import _adaptive_threshold  # noqa: PLC0415
+
+    threshold = _adaptive_threshold(adaptive_guidance)
     module = getattr(pipe, denoiser_name)
-    if cuda_graphs and _device_of(module).type == "cuda":
-        raise NotImplementedError("cuda_graphs=True is not implemented for accelerate(pipe) yet (the pipeline's "
-                                  "denoiser call takes keyword conditions); use optimize() on a Denoiser")
-    if cuda_graphs:
-        log.info("accelerate: cuda_graphs=True off CUDA: the denoiser runs eagerly")
+    if cuda_graphs and step_cache not in (None, False):
+        raise ValueError("cuda_graphs=True and step_cache do not compose: the cache decides on the host per call, "
+                         "a graph replays one decision")
     if getattr(pipe, STATE, None) is not None:
         restore(pipe)
     from .denoiser import Denoiser  # noqa: PLC0415
@@ -87,7 +108,9 @@ def accelerate(pipe: Any, *, dtype: torch.dtype | None = None, attention: str | 
     placeholder = Denoiser(module, NoiseSchedule.linear())  # optimize() uses the model side only
     fast = optimize(placeholder, dtype=dtype, attention=attention, todo=todo, sparse=sparse, int8=int8,
                     step_cache=step_cache, config=config)
-    state = PipelineAcceleration(type(pipe), denoiser_name, module, fast, step_backend)
+    state = PipelineAcceleration(type(pipe), denoiser_name, module, fast, step_backend,
+                                 guidance=None if threshold is None else AdaptiveGuidance(threshold),
+                                 graphs=GraphedCalls() if cuda_graphs else None)
     module.forward = _switching_forward(module, state)
     object.__setattr__(pipe, STATE, state)
     pipe.__class__ = _accelerated_class(type(pipe))
@@ -135,6 +158,8 @@ def _accelerated_class(cls: type) -> type:
             scheduler = self.__dict__.get("scheduler")
             fused = FusedScheduler(scheduler, state.step_backend)
             state.last_scheduler = fused
+            if state.guidance is not None:
+                state.guidance.begin(self, cls, args, kwargs)
             self.__dict__["scheduler"] = fused  # bypasses DiffusionPipeline.__setattr__: the config is untouched
             try:
                 with context.switches(pipeline=state):
@@ -158,14 +183,184 @@ def _switching_forward(module: torch.nn.Module, state: PipelineAcceleration):
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep", 0.0)
         switches = fast.call_switches(sample, timestep)
-        if not switches and fast.model is module:
-            return original(module, *args, **kwargs)
-        with context.switches(**switches):
-            if fast.model is module:
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if not switches and fast.model is module:
                 return original(module, *args, **kwargs)
-            out = fast.model(*_cast(args, fast.dtype), **_cast(kwargs, fast.dtype))
-            return _cast(out, sample.dtype)
+            with context.switches(**switches):
+                if fast.model is module:
+                    return original(module, *args, **kwargs)
+                out = fast.model(*_cast(args, fast.dtype), **_cast(kwargs, fast.dtype))
+                return _cast(out, sample.dtype)
+
+        if state.graphs is not None:
+            run = state.graphs.wrap(run)
+        if state.guidance is not None and state.guidance.applies(sample):
+            return state.guidance(run, args, kwargs, sample.shape[0])
+        return run(*args, **kwargs)
     return forward
+
+
+class GraphedCalls:
+    """Denoiser calls replayed from CUDA graphs (:class:`~diffrt.runtime.graphs.GraphRunner`): the call's
+    arguments are flattened into their tensors and a hashable description of everything else; one runner per
+    description, one graph per tensor bucket within it. The output keeps its structure (a tensor, a tuple, a
+    diffusers output) from the first, eager, call of the bucket."""
+
+    def __init__(self):
+        self.runners: dict[Any, Any] = {}
+
+    def wrap(self, run):
+        def call(*args: Any, **kwargs: Any) -> Any:
+            tensors: list[torch.Tensor] = []
+            layout = _flatten((args, kwargs), tensors)
+            entry = self.runners.get(layout)
+            if entry is None:
+                from .graphs import GraphRunner  # noqa: PLC0415
+
+                shape: dict[str, Any] = {}
+
+                def replayable(*values: torch.Tensor) -> torch.Tensor:
+                    a, k = _unflatten(layout, iter(values))
+                    out = run(*a, **k)
+                    shape.setdefault("out", out)
+                    return _first_tensor(out)
+                entry = self.runners[layout] = (GraphRunner(replayable), shape)
+            runner, shape = entry
+            prediction = runner(*tensors)
+            return _replace_first_tensor(shape["out"], prediction)
+        return call
+
+
+def _flatten(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """A hashable layout of ``value`` with its tensors appended to ``tensors`` (placeholders in the layout)."""
+    if torch.is_tensor(value):
+        tensors.append(value)
+        return ("tensor",)
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return (type(value).__name__, tuple(_flatten(v, tensors) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _flatten(v, tensors)) for k, v in value.items()))
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(f"cuda_graphs: the denoiser got an argument of type {type(value).__name__} that is neither "
+                        "a tensor nor hashable; it cannot be part of a graph's bucket") from None
+    return ("value", value)
+
+
+def _unflatten(layout: Any, tensors) -> Any:
+    kind = layout[0]
+    if kind == "tensor":
+        return next(tensors)
+    if kind == "value":
+        return layout[1]
+    if kind == "dict":
+        return {k: _unflatten(v, tensors) for k, v in layout[1]}
+    items = [_unflatten(v, tensors) for v in layout[1]]
+    return tuple(items) if kind == "tuple" else items
+
+
+@dataclass
+class AdaptiveGuidance:
+    """Adaptive guidance inside a pipeline's CFG calls (module docstring): one device mask per pipeline call."""
+
+    threshold: float
+    cond_first: bool = False  # the CFG batch's order: [cond; uncond] (DiT) or [uncond; cond] (the others)
+    cfg: Any = False  # bool, or a weak reference to a pipeline whose do_classifier_free_guidance says it
+    guided: torch.Tensor | None = None
+    reader: LaggedRead | None = None
+    active: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def begin(self, pipe: Any, cls: type, args: tuple, kwargs: dict) -> None:
+        """A pipeline call starts: every sample guided; whether it runs CFG and in which batch order."""
+        self.guided, self.reader, self.active = None, None, 0
+        self.stats = {"calls": 0, "rows": 0, "cfg_rows": 0, "saved_fraction": 0.0}
+        self.cond_first = cls.__name__ == "DiTPipeline"
+        if isinstance(getattr(cls, "do_classifier_free_guidance", None), property):
+            self.cfg = weakref.ref(pipe)  # read when the model is called: the pipeline sets it in its call
+        else:
+            bound = inspect.signature(cls.__call__).bind(pipe, *args, **kwargs)
+            bound.apply_defaults()
+            self.cfg = float(bound.arguments.get("guidance_scale", 1.0)) > 1.0
+
+    def applies(self, sample: torch.Tensor) -> bool:
+        cfg = self.cfg
+        if isinstance(cfg, weakref.ref):
+            pipe = cfg()
+            cfg = pipe is not None and bool(pipe.do_classifier_free_guidance)
+        return bool(cfg) and sample.shape[0] % 2 == 0
+
+    def __call__(self, run, args: tuple, kwargs: dict, rows: int) -> Any:
+        """The model call on the still-guided unconditional rows and every conditional row; the output in the
+        pipeline's CFG layout, the dropped samples' unconditional rows replaced by their conditional ones."""
+        batch = rows // 2
+        device = (args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))).device
+        halves = (torch.arange(batch, device=device), torch.arange(batch, rows, device=device))
+        cond_index, uncond_index = halves if self.cond_first else halves[::-1]
+        if self.guided is None or self.guided.shape[0] != batch:
+            self.guided, self.reader, self.active = torch.ones(batch, dtype=torch.bool, device=device), None, batch
+        elif self.reader is not None and (seen := self.reader.latest()) is not None:
+            self.active = min(self.active, int(seen))
+        active = self.active
+        if active == batch:
+            out = run(*args, **kwargs)
+            tensor = _first_tensor(out)
+            out_cond, out_uncond = tensor.index_select(0, cond_index), tensor.index_select(0, uncond_index)
+            rows_uncond, rows_cond = out_uncond, out_cond
+        else:
+            order = torch.argsort(self.guided.to(torch.uint8), descending=True, stable=True)[:active]
+            picked = torch.cat([uncond_index.index_select(0, order), cond_index])  # guided first, then dropped
+            out = run(*_select_rows(args, picked, rows), **_select_rows(kwargs, picked, rows))
+            tensor = _first_tensor(out)
+            rows_uncond, out_cond = tensor[:active], tensor[active:]
+            rows_cond = out_cond.index_select(0, order)
+            out_uncond = out_cond.index_copy(0, order, rows_uncond)
+        shape = (-1, *([1] * (out_cond.dim() - 1)))
+        out_uncond = torch.where(self.guided.view(shape), out_uncond, out_cond)
+        similar = torch.nn.functional.cosine_similarity(rows_uncond.flatten(1).float(), rows_cond.flatten(1).float(), dim=1)
+        keep = similar < self.threshold
+        self.guided = self.guided & keep if active == batch else \
+            self.guided.index_put((order,), self.guided.index_select(0, order) & keep)
+        if self.reader is None:
+            self.reader = LaggedRead(self.guided.sum())
+        self.reader.request(self.guided.sum())
+        self.stats["calls"] += 1
+        self.stats["rows"] += batch + active
+        self.stats["cfg_rows"] += rows
+        self.stats["saved_fraction"] = 1 - self.stats["rows"] / self.stats["cfg_rows"]
+        combined = torch.cat([out_cond, out_uncond] if self.cond_first else [out_uncond, out_cond])
+        return _replace_first_tensor(out, combined)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    """The prediction in a denoiser's output: a tensor, the first of a tuple, or a diffusers output's ``sample``."""
+    if torch.is_tensor(out):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.sample
+
+
+def _replace_first_tensor(out: Any, tensor: torch.Tensor) -> Any:
+    if torch.is_tensor(out):
+        return tensor
+    if isinstance(out, (tuple, list)):
+        return type(out)([tensor, *out[1:]])
+    return type(out)(**{**out, "sample": tensor})
+
+
+def _select_rows(value: Any, index: torch.Tensor, rows: int) -> Any:
+    """``value`` with the rows ``index`` of every tensor whose first dim is the CFG batch ``rows`` (nested in
+    tuples, lists and dicts); other values (a scalar timestep, position ids) as they are."""
+    if torch.is_tensor(value):
+        return value.index_select(0, index) if value.dim() and value.shape[0] == rows else value
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_select_rows(v, index, rows) for v in value)
+    if isinstance(value, dict):
+        return {k: _select_rows(v, index, rows) for k, v in value.items()}
+    return value
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:

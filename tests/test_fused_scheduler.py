@@ -67,7 +67,10 @@ def test_lcm_returns_its_denoised_sample_too():
     assert len(ours) == 2 and rel_err(ours[1], theirs[1]) <= 1e-6 and rel_err(ours[0], theirs[0]) <= 1e-6
 
 
-def test_a_scheduler_without_a_plan_runs_its_own_step(caplog):
+def test_a_scheduler_without_a_plan_runs_its_own_step(caplog, monkeypatch):
+    from diffrt.runtime import fused_scheduler
+
+    monkeypatch.setattr(fused_scheduler, "_LOGGED", set())  # logged once per process: whatever ran before
     fused = FusedScheduler(diffusers.DDPMScheduler(**SD))
     with caplog.at_level("WARNING"):
         fused.set_timesteps(4)

@@ -177,9 +177,51 @@ def test_bad_arguments_are_refused():
     pipe, _ = build_sd15()
     with pytest.raises(ValueError, match="not accelerated"):
         restore(pipe)
-    with pytest.raises(NotImplementedError, match="adaptive_guidance"):
-        accelerate(pipe, adaptive_guidance=True)
+    with pytest.raises(NotImplementedError, match="linear_ag"):
+        accelerate(pipe, linear_ag=object())
+    with pytest.raises(ValueError, match="adaptive_guidance"):
+        accelerate(pipe, adaptive_guidance="often")
     assert acceleration_of(pipe) is None
+
+
+def _uncond_dropped_after_first_call(pipe, cond_first):
+    """A forward hook on the plain pipeline's denoiser: from the second call on, the unconditional half of the
+    output is the conditional half (what adaptive guidance does once every sample has dropped its pass)."""
+    calls = []
+
+    def hook(module, args, kwargs, out):
+        calls.append(1)
+        if len(calls) == 1:
+            return out
+        tensor = out[0] if isinstance(out, tuple) else out.sample
+        first, second = tensor.chunk(2)
+        both = torch.cat([first, first] if cond_first else [second, second])
+        return (both, *out[1:]) if isinstance(out, tuple) else type(out)(sample=both)
+
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    return denoiser.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "pixart-alpha", "dit", "sd3"])
+def test_adaptive_guidance_in_a_pipeline(family):
+    """Threshold above 1: no sample drops its unconditional pass (the exact pipeline). Threshold near -1: every
+    sample drops it after the first call, the model then runs the conditional rows only, and the pipeline's
+    output is the one of a pipeline whose unconditional predictions are the conditional ones from then on."""
+    pipe, kwargs = FAMILIES[family]()
+    reference = _run(pipe, kwargs)
+    handle = _uncond_dropped_after_first_call(pipe, cond_first=family == "dit")
+    dropped = _run(pipe, kwargs)
+    handle.remove()
+    accelerate(pipe, adaptive_guidance=1.5)
+    assert relative_error(_run(pipe, kwargs), reference) <= TOL
+    stats = acceleration_of(pipe).guidance_stats
+    assert stats["calls"] > 1 and stats["saved_fraction"] == 0
+    accelerate(pipe, adaptive_guidance=-0.999)
+    assert relative_error(_run(pipe, kwargs), dropped) <= TOL
+    stats = acceleration_of(pipe).guidance_stats
+    assert stats["saved_fraction"] == pytest.approx(0.5 * (stats["calls"] - 1) / stats["calls"])
+    assert relative_error(dropped, reference) > 1e-3  # dropping the unconditional pass changed the samples
+    restore(pipe)
 
 
 def test_sd_config_keys_survive_a_round_of_swaps():
@@ -194,20 +236,20 @@ def test_sd_config_keys_survive_a_round_of_swaps():
 
 @pytest.mark.parametrize("strength", [0.25, 0.5, 0.75, 1.0])
 @pytest.mark.parametrize("name", ["PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
-                                  "LCMScheduler"])
+                                  "LCMScheduler", "DPMSolverMultistepScheduler", "DEISMultistepScheduler"])
 def test_img2img_starts_where_the_strength_says(name, strength):
     """img2img slices the timesteps: with set_begin_index (Euler, Heun, LCM) or without it (DDIM), the plan starts
-    at that row; PNDM's plan restarts its multistep state there, as diffusers' PNDM does."""
+    at that row; PNDM's, DPM-Solver's and DEIS's plans restart their multistep warm-up there, as diffusers does."""
     pipe, kwargs = FAMILIES["sd15-img2img"]()
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
     kwargs.update(strength=strength, guidance_scale=3.0)
     check_accelerated(pipe, kwargs)
 
 
-@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("name", ["UniPCMultistepScheduler"])
 def test_img2img_with_a_multistep_solver_runs_diffusers_step_exactly(name):
-    """diffusers restarts a multistep solver's history where img2img starts; the plans do not (yet): that call runs
-    diffusers' own step, says so, and the output is the pipeline's."""
+    """diffusers restarts a multistep solver's history where img2img starts; UniPC's plan does not (yet): that
+    call runs diffusers' own step, says so, and the output is the pipeline's."""
     pipe, kwargs = FAMILIES["sd15-img2img"]()
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
     kwargs.update(strength=0.5, guidance_scale=3.0)
@@ -216,3 +258,31 @@ def test_img2img_with_a_multistep_solver_runs_diffusers_step_exactly(name):
     fast = _run(pipe, kwargs)
     assert "multistep" in acceleration_of(pipe).fallback
     assert relative_error(fast, reference) <= TOL
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux-schnell"])
+def test_cuda_graphs_option_routes_the_calls_through_graph_runners(family):
+    """Off CUDA the runners call the model eagerly: the flattening of the pipeline's keyword conditions into
+    tensors and back must give the exact pipeline."""
+    pipe, kwargs = FAMILIES[family]()
+    check_accelerated(pipe, kwargs, cuda_graphs=True)
+    accelerate(pipe, cuda_graphs=True)
+    _run(pipe, kwargs)
+    assert acceleration_of(pipe).graphs.runners  # one runner per argument layout
+    restore(pipe)
+    with pytest.raises(ValueError, match="do not compose"):
+        accelerate(pipe, cuda_graphs=True, step_cache=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "flux-schnell"])
+def test_cuda_graphs_replay_the_pipeline_on_cuda(family):
+    pipe, kwargs = FAMILIES[family]()
+    pipe.to("cuda")
+    reference = _run(pipe, kwargs)
+    accelerate(pipe, cuda_graphs=True)
+    first, second = _run(pipe, kwargs), _run(pipe, kwargs)
+    runners = acceleration_of(pipe).graphs.runners
+    assert any(runner.timings for runner, _ in runners.values()), "no CUDA graph was captured"
+    assert relative_error(first, reference) <= 1e-4 and torch.equal(first, second)
+    restore(pipe)

@@ -28,7 +28,7 @@ import torch
 
 from ..schedule import NoiseSchedule
 from .registry import VP_OPTIONS, register
-from .common import check_first_timestep, check_unsupported, vp_schedule
+from .common import check_step_options, check_first_timestep, check_unsupported, vp_schedule
 from .multistep import Coefficients, alpha_sigma_lambda, multistep_orders, ring_rows
 from .plan import SolverPlan
 from .sigmas import data_prediction, exponential_sigmas, karras_sigmas, multistep_timesteps, sigma_to_t, ve_sigmas
@@ -119,10 +119,10 @@ def _check_algorithm(config: dict) -> None:
 
 @register(NAME, OPTIONS, presets={"deis": {"solver_order": 2}})
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
-    """Plan of diffusers' DEISMultistepScheduler (no step-time options)."""
+    """Plan of diffusers' DEISMultistepScheduler. Step option ``begin``: as DPM-Solver's (img2img)."""
     check_unsupported(config, UNSUPPORTED, NAME)
-    if step_options:
-        raise NotImplementedError(f"{NAME}: step options {sorted(step_options)} are not reproduced")
+    check_step_options(step_options, ("begin",), NAME)
+    begin = int(step_options.get("begin", 0))
     ptype = vp_schedule(schedule, NAME)
     if float(schedule.alphas_cumprod[-1]) == 0.0:
         raise NotImplementedError(f"{NAME}: the schedule has zero terminal SNR (rescale_betas_zero_snr), which DEIS "
@@ -132,12 +132,12 @@ def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict)
     check_first_timestep(timesteps, NAME)
     n = len(timesteps)
     small = bool(config.get("lower_order_final", True)) and n < 15
-    orders = multistep_orders(n, config.get("solver_order", 2), small, small)
+    orders = multistep_orders(n, config.get("solver_order", 2), small, small, begin)
     levels = torch.from_numpy(sigmas)
     predictions, coefficients = [], []
-    for i, order in enumerate(orders):
+    for i, order in enumerate(orders, start=begin):
         alpha, sigma, _ = alpha_sigma_lambda(levels[i])
         predictions.append(_eps_prediction(ptype, alpha.item(), sigma.item()))
         coefficients.append(deis_coefficients(order, [levels[i + 1]] + [levels[i - k] for k in range(order)]))
-    rows, n_slots = ring_rows(timesteps, predictions, coefficients, noise=False)
+    rows, n_slots = ring_rows(timesteps[begin:], predictions, coefficients, noise=False)
     return SolverPlan("deis", rows, n_slots, init_noise_sigma=1.0, options={"orders": orders})

@@ -38,7 +38,7 @@ import torch
 
 from ..schedule import NoiseSchedule
 from .registry import VP_OPTIONS, register
-from .common import check_first_timestep, check_unsupported, noise_prediction, vp_schedule
+from .common import check_step_options, check_first_timestep, check_unsupported, noise_prediction, vp_schedule
 from .multistep import dpm_variant, Coefficients, alpha_sigma_lambda, expand_differences, multistep_orders, ring_rows
 from .plan import SolverPlan
 from .sigmas import (
@@ -151,14 +151,15 @@ def _algorithm_options(config: dict) -> tuple[str, str]:
     "dpmpp-3m-sde": {"algorithm_type": "sde-dpmsolver++", "solver_order": 3},
 })
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
-    """Plan of diffusers' DPMSolverMultistepScheduler (no step-time options)."""
+    """Plan of diffusers' DPMSolverMultistepScheduler. Step option ``begin`` (diffrt's): the loop starts at that
+    index of the timesteps (img2img), where diffusers starts the solver's warm-up afresh."""
     name = "DPMSolverMultistepScheduler"
     check_unsupported(config, UNSUPPORTED, name)
     if config.get("variance_type") in LEARNED_VARIANCE:
         raise NotImplementedError(f"{name}: option variance_type={config['variance_type']!r} is not reproduced by diffrt "
                                   "(give the Denoiser a call that returns the predicted mean only)")
-    if step_options:
-        raise NotImplementedError(f"{name}: step options {sorted(step_options)} are not reproduced")
+    check_step_options(step_options, ("begin",), name)
+    begin = int(step_options.get("begin", 0))
     ptype = vp_schedule(schedule, name)
     algorithm, solver_type = _algorithm_options(config)
     solver_order = config.get("solver_order", 2)
@@ -170,19 +171,19 @@ def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict)
     n = len(timesteps)
     small = bool(config.get("lower_order_final", True)) and n < 15
     last_first = bool(config.get("euler_at_final", False)) or small or config.get("final_sigmas_type", "zero") == "zero"
-    orders = multistep_orders(n, solver_order, last_first, small)
+    orders = multistep_orders(n, solver_order, last_first, small, begin)
     if algorithm == "sde-dpmsolver" and max(orders) == 3:
         raise NotImplementedError(f"{name}: algorithm_type='sde-dpmsolver' has no third-order step "
                                   f"(solver_order={solver_order}); diffusers fails on it too")
     levels = torch.from_numpy(sigmas)
     predict = data_prediction if algorithm.endswith("++") else noise_prediction
     predictions, coefficients = [], []
-    for i, order in enumerate(orders):
+    for i, order in enumerate(orders, start=begin):
         alpha, sigma, _ = alpha_sigma_lambda(levels[i])
         predictions.append(predict(ptype, alpha.item(), sigma.item()))
         coefficients.append(dpm_coefficients(algorithm, solver_type, order,
                                              [levels[i + 1]] + [levels[i - k] for k in range(order)]))
     sde = algorithm.startswith("sde")
-    rows, n_slots = ring_rows(timesteps, predictions, coefficients, noise=sde)
+    rows, n_slots = ring_rows(timesteps[begin:], predictions, coefficients, noise=sde)
     return SolverPlan("dpm-solver", rows, n_slots, init_noise_sigma=1.0, noise_dtype=torch.float32 if sde else None,
                       options={"algorithm_type": algorithm, "solver_type": solver_type, "orders": orders})

@@ -18,17 +18,21 @@ def alpha_sigma_lambda(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return alpha, sigma, torch.log(alpha) - torch.log(sigma)
 
 
-def multistep_orders(n: int, solver_order: int, last_first_order: bool, second_last_low: bool) -> list[int]:
-    """Order used at each of ``n`` steps by diffusers' multistep schedulers.
+def multistep_orders(n: int, solver_order: int, last_first_order: bool, second_last_low: bool,
+                     begin: int = 0) -> list[int]:
+    """Order used at each of steps ``begin``..``n - 1`` of ``n`` by diffusers' multistep schedulers.
 
     ``last_first_order``: the last step is first order; ``second_last_low``: the second-to-last
-    step is at most second order. Warm-up: step i uses at most order i + 1.
+    step is at most second order. Warm-up: step i uses at most order i - begin + 1 (a loop started at
+    ``begin``, img2img's, starts the warm-up there: diffusers' ``lower_order_nums`` starts at 0).
     """
     if isinstance(solver_order, bool) or not isinstance(solver_order, int) or solver_order < 1:
         raise ValueError(f"solver_order must be a positive int, got {solver_order!r}")
+    if not 0 <= begin < n:
+        raise ValueError(f"begin must index one of the {n} steps, got {begin}")
     orders = []
-    for i in range(n):
-        done = min(i, solver_order)  # diffusers' lower_order_nums before step i
+    for i in range(begin, n):
+        done = min(i - begin, solver_order)  # diffusers' lower_order_nums before step i
         if solver_order == 1 or done < 1 or (i == n - 1 and last_first_order):
             orders.append(1)
         elif solver_order == 2 or done < 2 or (i == n - 2 and second_last_low):
