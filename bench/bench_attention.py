@@ -2,14 +2,15 @@
 
     python -m diffrt.bench.bench_attention --out DIR [--device cuda] [--cases sd15-512,dit-xl-512] [--quick]
 
-Per case (shapes of real models, [B, L, H, D] inputs, fp16, in the same process):
+Per case (the layers of real models that the static kernel profile and its roofline estimate use,
+``diffrt.kernels.compile_variants.ATTENTION_SHAPES``; [B, L, H, D] inputs, fp16, in the same process):
 
 * **dense**: diffrt vs SDPA with each backend forced (flash, efficient, cuDNN; the best is the
   baseline), same inputs seen as [B, H, L, D] views (no copies on either side);
 * **todo** (self-attention cases with a token grid): diffrt with ToDo f=2 fused vs "downsample
   K/V (a copy) + SDPA best", and vs dense SDPA best;
-* **sparse**: diffrt with a local-window block mask of about 25% density vs dense SDPA best and vs
-  FlexAttention (``torch.compile``-d) with the same block mask.
+* **sparse** (2-D / 3-D token grids): diffrt with a local-window block mask of about 25% density vs
+  dense SDPA best and vs FlexAttention (``torch.compile``-d) with the same block mask.
 
 Every variant is checked against the fp32 reference on the same inputs before it is timed
 (failures are recorded, not timed). Times: median / p20 / p80 over ``--repeats`` with the L2
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 from diffrt.kernels import KVDownsample, attention, attention_masks, attention_reference
 from diffrt.kernels.attention_spec import downsample_kv_reference
+from diffrt.kernels.compile_variants import ATTENTION_SHAPES
 
 from . import harness
 
@@ -51,16 +53,11 @@ class Case:
         return math.prod(self.grid)
 
 
-CASES = [
-    Case("sd15-512-l0", 2, 8, 40, (64, 64)), Case("sd15-512-l1", 2, 8, 80, (32, 32)),
-    Case("sd15-512-l2", 2, 8, 160, (16, 16)), Case("sd15-512-cross", 2, 8, 40, (64, 64), k_len=77),
-    Case("sd15-1024-l0", 2, 8, 40, (128, 128)), Case("sd15-1024-l1", 2, 8, 80, (64, 64)),
-    Case("sd15-1024-l2", 2, 8, 160, (32, 32)),
-    Case("sdxl-1024-l1", 2, 10, 64, (64, 64)), Case("sdxl-1024-l2", 2, 20, 64, (32, 32)),
-    Case("dit-xl-256", 2, 16, 72, (16, 16)), Case("dit-xl-512", 2, 16, 72, (32, 32)),
-    Case("flux-1024", 1, 24, 128, (64, 72)),  # 4096 image + 512 text tokens as one 4608-token sequence
-    Case("video-3d", 1, 24, 128, (8, 32, 32)),
-]
+# The layers of the static profile and its roofline estimate (diffrt.bench.static_profile), then SD1.5 at 1024^2.
+CASES = [Case(shape.case, shape.batch, shape.heads, shape.head_dim, shape.grid, shape.k_len)
+         for shape in ATTENTION_SHAPES]
+CASES += [Case("sd15-1024-l0", 2, 8, 40, (128, 128)), Case("sd15-1024-l1", 2, 8, 80, (64, 64)),
+          Case("sd15-1024-l2", 2, 8, 160, (32, 32))]
 QUICK = [Case("tiny-2d", 1, 2, 40, (8, 8)), Case("tiny-cross", 1, 2, 72, (6, 6), k_len=11),
          Case("tiny-3d", 1, 2, 64, (2, 4, 8))]
 SDPA_BACKENDS = ("flash", "efficient", "cudnn")
@@ -161,7 +158,7 @@ def run_case(case: Case, args) -> list[dict[str, Any]]:
                          todo_flops, args, flush, {"todo_factor": 2}))
         rows.append(_row(case, "diffrt-todo2", lambda: attention(q, k, v, kv_downsample=spec, backend=diffrt_backend),
                          todo_ref, todo_flops, args, flush, {"todo_factor": 2}))
-    if case.k_len is None:
+    if case.k_len is None and len(case.grid) in (2, 3):  # a local window needs a 2-D / 3-D token grid
         mask = _window_mask(case, 0.25, device)
         sparse_ref = attention_reference(q, k, v, block_mask=mask).float()
         sparse_flops = dense_flops * mask.density

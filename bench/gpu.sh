@@ -13,8 +13,8 @@
 #   PYTHON             interpreter (default python3: the device's torch venv)
 #   GPU_SH_BUDGET      seconds for the whole script (default 560: the device allows 600 per call)
 #   GPU_SH_STAGES      comma-separated stages to run after the build (default: all): tests-gpu,
-#                      bench-sampler, bench-attention, bench-int8, bench-stream, bench-cli, bench-pipeline, demo,
-#                      tests-cpu-tier (split a long run
+#                      bench-sampler, bench-attention, bench-int8, bench-stream, bench-conditional, bench-cli,
+#                      bench-pipeline, demo, tests-cpu-tier (split a long run
 #                      over two device calls)
 #   DIFFRT_CUDA_ARCHS  CUDA architectures to build (default 90a: H100 / H200)
 #   DIFFRT_GIT_SHA     the git SHA to stamp results with (the device copy has no .git)
@@ -135,6 +135,20 @@ run_bench_sampler() {
     tee /tmp/bench_sampler.out
 }
 
+# bench_attention at the static profile's shapes (diffrt vs SDPA flash / efficient / cuDNN), then its
+# measurements beside the roofline estimate of the newest static profile: DIR/roofline-measured.{json,md}.
+run_bench_attention() {
+  # shellcheck disable=SC2086
+  env TRITON_INTERPRET=0 $PY -m diffrt.bench.bench_attention --out "$DIR" --device cuda ${ATTENTION_ARGS:-}
+  local status=$? static
+  static=$(ls "$ROOT"/bench/results/static-sm90-*-kernels.json 2>/dev/null | sort | tail -n 1)
+  if [[ -n $static ]]; then
+    $PY -m diffrt.bench.roofline --static "$static" --measured "$DIR" --out "$DIR/roofline-measured" &&
+      cat "$DIR/roofline-measured.md"
+  fi
+  return $status
+}
+
 # diffrt tune (floor TUNE_FLOOR dB, default 30) then diffrt bench with every configuration and the tuned one:
 # the issue-9 goals in one stage. The tuned config is copied to DIR (its calibration stays in /tmp).
 run_bench_cli() {
@@ -189,10 +203,10 @@ main() {
   stage tests-gpu 180 "$DIR/tests.log" env TRITON_INTERPRET=0 DIFFRT_AUTOTUNE=0 \
     bash -c 'cd tests && exec "$@"' _ $PY -m pytest -q -rfEs -p no:cacheprovider "${timeout_flag[@]}" -m gpu .
   stage bench-sampler 200 - bash -c run_bench_sampler
-  stage bench-attention 240 - env TRITON_INTERPRET=0 $PY -m diffrt.bench.bench_attention --out "$DIR" --device cuda \
-    ${ATTENTION_ARGS:-}
+  stage bench-attention 300 - bash -c run_bench_attention
   stage bench-int8 200 - env TRITON_INTERPRET=0 $PY -m diffrt.bench.bench_int8 --out "$DIR" --device cuda ${INT8_ARGS:---e2e}
   stage bench-stream 200 - env TRITON_INTERPRET=0 $PY -m diffrt.bench.bench_stream --out "$DIR" --device cuda
+  stage bench-conditional 150 - env TRITON_INTERPRET=0 $PY -m diffrt.bench.bench_conditional_graphs --out "$DIR" --device cuda
   stage bench-cli 400 - bash -c run_bench_cli
   stage bench-pipeline 300 - bash -c run_bench_pipeline
   stage demo 90 - env TRITON_INTERPRET=0 $PY -m diffrt.runtime.cli demo --out /tmp/diffrt-demo --device cuda
@@ -210,7 +224,7 @@ main() {
 }
 
 # timeout(1) runs programs, not shell functions: export them and call them through bash -c.
-export -f install_wheels build_in_place check_import run_bench_sampler run_bench_cli run_bench_pipeline
+export -f install_wheels build_in_place check_import run_bench_sampler run_bench_attention run_bench_cli run_bench_pipeline
 export PY ROOT DIR
 
 main 2>&1 | tee "$DIR/gpu.log"

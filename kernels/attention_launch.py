@@ -17,12 +17,15 @@ Backends, in the order "auto" tries them:
 ``registry.explain("attention", q, k, v, ...)`` says which backend serves a call and why the others
 do not. On CUDA the first call of each shape class times a few tile configurations and keeps the
 fastest (``DIFFRT_AUTOTUNE=0`` takes the heuristic tile instead); the choice is cached,
-so calls inside CUDA-graph capture launch without timing.
+so calls inside CUDA-graph capture launch without timing. On Hopper the candidates include the
+kernel's TMA variant (tensor descriptors) where the keys' layout allows it
+(:mod:`diffrt.kernels.attention_tiles`).
 """
 from __future__ import annotations
 
 import logging
 import math
+import numbers
 import torch
 import torch.nn.functional as F
 
@@ -62,8 +65,9 @@ def _check(q, k, v, scale, kv_downsample, block_mask) -> None:
         raise ValueError(f"attention: empty input q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if max(head_dim, v.shape[3]) > MAX_HEAD_DIM:
         raise ValueError(f"attention: head dim {max(head_dim, v.shape[3])} > {MAX_HEAD_DIM} is not supported")
-    if scale is not None and not math.isfinite(float(scale)):
-        raise ValueError(f"attention: scale must be finite, got {scale}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
+                              or not math.isfinite(float(scale))):
+        raise ValueError(f"attention: scale must be None or a finite number, got {scale!r}")
     keys = k_len
     if kv_downsample is not None:
         if not isinstance(kv_downsample, KVDownsample):
@@ -123,8 +127,10 @@ def _run_triton(q, k, v, scale, kv_downsample, block_mask):
         tables = (None, None, (0, 0, 0), (0, 0, 0))
 
     def launch(tile) -> None:
+        q_split, k_split = (1, 1) if block_mask is None else (block_mask.q_block // tile.block_m,
+                                                              block_mask.k_block // tile.block_n)
         kernel.launch(q, k, v, out, *tables, scale, down, tile.block_m, tile.block_n, tile.num_warps,
-                      tile.num_stages, dot_fp32)
+                      tile.num_stages, dot_fp32, tile.tma, q_split, k_split)
 
     tile = choose_tiles(q, k, v, down, block_mask, launch, interpreting=registry.interpreting())
     launch(tile)

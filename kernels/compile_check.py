@@ -1,165 +1,252 @@
-"""Compile diffrt's Triton kernels for a GPU architecture on a machine without a GPU.
+"""Compile diffrt's Triton kernels for sm_90 / sm_80 as the JIT compiles them, on a machine without a GPU,
+and report what the compiler made of each variant.
 
-    python -m diffrt.kernels.compile_check [--arch 90] [--quick] [--kernels attention,int8]
+Library (stable signatures):
 
-Triton compiles ahead of time for an explicit target (``GPUTarget("cuda", arch, 32)``) without a
-driver, so a CPU-only machine catches compile errors of every variant (attention: dtypes, head
-dims, ToDo modes, sparse or dense; INT8 GEMM: quantizing prologue or int8 input, SmoothQuant,
-bias, activations, output dtypes; each at its heuristic tile) and reads each variant's
-resources: registers, spilled bytes (``cuobjdump --dump-resource-usage``, shipped with Triton)
-and shared memory. Run it with ``TRITON_INTERPRET`` unset (an interpreted kernel cannot be compiled).
+    profile_variant(variant: Variant, arch: int) -> dict
+        compile one variant as Triton's JIT would for a real call on sm_<arch>; the variant's
+        fields plus :func:`diffrt.kernels.kernel_metrics.metrics` (registers, stack / spills, shared
+        memory against the arch's limit, wgmma / mma, cp.async / TMA, global load widths,
+        pipelining, SASS instructions per main-loop iteration)
+    compile_launch(launch: Callable[[], object], arch: int, tile=None) -> list[CompiledLaunch]
+        every Triton kernel ``launch()`` launches, compiled for sm_<arch> instead of launched:
+        (kernel: triton's CompiledKernel, grid: the launch grid, constants: its constexpr keywords)
+    variants(quick=False, kernels=("attention", "int8")) -> list[Variant]
+        realistic calls of every model family (:mod:`diffrt.kernels.compile_variants`)
+
+    e.g. profile_variant(Variant("attention", "sdxl", "sdxl-1024-l1", "float16",
+                                 {"batch": 2, "heads": 10, "head_dim": 64, "grid": (64, 64)}), 90)
+
+CLI:
+
+    python -m diffrt.kernels.compile_check [--arch 90,80] [--quick] [--kernels attention,int8] [--match TEXT]
+                                           [--json] [--out FILE]
+
+How a variant is compiled "as the JIT does": the op's own launcher (``attention_launch._run_triton``,
+``int8_launch._run_triton``, the functions the registry runs on CUDA) is called with CPU tensors of
+the real shapes and strides (``torch.empty``: 16-byte aligned, never touched), while Triton's
+active driver is a stand-in that names the target ``GPUTarget("cuda", arch, 32)`` and each
+kernel's ``run`` is called with ``warmup=True``. So Triton binds the real arguments itself (its
+binder turns integers equal to 1 into constants and gives pointers and integers divisible by 16
+``tt.divisibility`` hints), parses the launch options and compiles, without a launch. The tile is
+the one the untuned path runs (the autotuner returns the heuristic off CUDA), or ``variant.tile``.
+The signature and hints are Triton's, so the compile follows Triton's version (3.6 on the GPU
+machine, 3.9 here). Compiled kernels are cached in memory per (arch, specialization); set
+``TRITON_CACHE_DIR`` to a temporary folder (the CLI does) so nothing stale is reused from disk.
+Run it with ``TRITON_INTERPRET`` unset (an interpreted kernel cannot be compiled). While a compile
+runs, every Triton launch of the process compiles instead of running: not for a process that
+launches kernels from other threads at the same time.
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import contextlib
 import json
+import math
 import os
-import re
-import shutil
-import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from typing import Any, NamedTuple
+
+from .compile_variants import Variant, attention_variants, int8_variants
+
+ARCHS = (90, 80)
 
 
-@dataclass
-class Variant:
-    kernel: str  # "attention" or "int8"
-    dtype: str  # input dtype (int8 x for a pre-quantized GEMM input)
-    options: dict  # the kernel's constexpr values and launch options
+class CompiledLaunch(NamedTuple):
+    """One kernel launch, compiled instead of run: the CompiledKernel, its grid (None when the launcher
+    passes a callable) and the launch's constexpr / option keywords with plain values (BLOCK_M, num_warps, ...)."""
+
+    kernel: Any
+    grid: tuple | None
+    constants: dict
 
 
-def attention_variants(quick: bool = False) -> list[Variant]:
-    """Every dtype x head dim of real models x ToDo mode x sparse or dense, at the heuristic tile;
-    ``quick``: fp16 over head dims 64 / 72 / 160, plus one bf16 and one fp32 variant."""
-    from .attention_tiles import heuristic  # noqa: PLC0415
-    from .attention_triton import head_dim_chunks  # noqa: PLC0415
+class _CompileOnlyDriver:
+    """Stands in for Triton's CUDA driver: names the target; launches nothing."""
 
-    if quick:
-        grid = [("float16", dim, mode, sparse) for dim in (64, 72, 160) for mode in (0, 2) for sparse in (False, True)]
-        grid += [("bfloat16", 80, 1, True), ("float32", 40, 0, False)]
-    else:
-        grid = list(itertools.product(["float16", "bfloat16", "float32"], [40, 64, 72, 80, 128, 160, 256], (0, 1, 2),
-                                      (False, True)))
-    out = []
-    for dtype, dim, mode, sparse in grid:
-        tile = heuristic(dim, dim, None, mode)
-        d1, d2 = head_dim_chunks(dim)
-        constants = {"HEAD_DIM": dim, "D1": d1, "D2": d2, "D2P": max(d2, 16), "VALUE_DIM": dim, "V1": d1, "V2": d2,
-                     "V2P": max(d2, 16), "BLOCK_M": tile.block_m, "BLOCK_N": tile.block_n, "MODE": mode, "FACTOR": 2,
-                     "SPARSE": sparse, "DOT_FP32": False, "IEEE": dtype == "float32",
-                     "num_warps": tile.num_warps, "num_stages": tile.num_stages}
-        out.append(Variant("attention", dtype, constants))
-    return out
+    def __init__(self, arch: int) -> None:
+        from triton.backends.compiler import GPUTarget  # noqa: PLC0415
 
+        self.target = GPUTarget("cuda", arch, 32)
 
-def int8_variants(quick: bool = False) -> list[Variant]:
-    """The INT8 GEMM: float input quantized in the prologue (fp16 / bf16 / fp32, with and without
-    SmoothQuant) or int8 input, bias and activations, float or int32 output, at both heuristic tiles."""
-    from .int8_launch import _tiles  # noqa: PLC0415
+    def get_current_target(self):
+        return self.target
 
-    inputs = [("float16", True, False), ("bfloat16", True, True), ("int8", False, False)]
-    if not quick:
-        inputs += [("float32", True, False), ("float16", True, True)]
-    out = []
-    for (dtype, quantize, smooth), act, m in itertools.product(inputs, (0, 1, 2), (32, 1024)):
-        if quick and act == 2:
-            continue
-        block_m, block_n, block_k, group_m, warps, stages = _tiles(m, 1280, 1280)[0]
-        out.append(Variant("int8", dtype, {"QUANTIZE": quantize, "SMOOTH": smooth, "HAS_BIAS": True, "ACT": act,
-                                           "OUT_INT32": False, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                                           "BLOCK_K": block_k, "GROUP_M": group_m, "num_warps": warps,
-                                           "num_stages": stages, "out": "float16" if dtype == "int8" else dtype}))
-    block_m, block_n, block_k, group_m, warps, stages = _tiles(1024, 1280, 1280)[0]
-    out.append(Variant("int8", "int8", {"QUANTIZE": False, "SMOOTH": False, "HAS_BIAS": False, "ACT": 0,
-                                        "OUT_INT32": True, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                                        "GROUP_M": group_m, "num_warps": warps, "num_stages": stages, "out": "int32"}))
-    return out
+    def get_current_device(self) -> str:
+        return f"compile-check-sm{self.target.arch}"  # the JIT's per-device cache key: never a real device
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_active_torch_device(self):
+        import torch  # noqa: PLC0415
+
+        return torch.device("cpu")
 
 
-KERNELS = {"attention": attention_variants, "int8": int8_variants}
-POINTER = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32", "int8": "*i8", "int32": "*i32"}
+@contextlib.contextmanager
+def _compiling_for(arch: int, tile: tuple | None) -> Iterator[list]:
+    """Inside: Triton kernel launches compile for sm_<arch> and are collected, not launched; the
+    autotuner returns ``tile`` when given."""
+    from triton.runtime.driver import driver  # noqa: PLC0415
+    from triton.runtime.jit import JITFunction  # noqa: PLC0415
+
+    from . import autotune  # noqa: PLC0415
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("compile_check: TRITON_INTERPRET is set, so the kernels are interpreted; unset it to "
+                           "compile")
+    compiled: list = []
+    run, choose, previous = JITFunction.run, autotune.choose, getattr(driver, "_active", None)
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        plain = {key: value for key, value in kwargs.items() if isinstance(value, (bool, int, float, str))}
+        compiled.append(CompiledLaunch(kernel, None if callable(grid) else tuple(grid), plain))
+        return kernel
+
+    def fixed_tile(op, key, candidates, launch, device):
+        return _as_tile(tile, candidates[0])
+
+    JITFunction.run = compile_only
+    if tile is not None:
+        autotune.choose = fixed_tile
+    driver.set_active(_CompileOnlyDriver(arch))
+    try:
+        yield compiled
+    finally:
+        JITFunction.run, autotune.choose = run, choose
+        driver.set_active(previous)
 
 
-def _signature(variant: Variant, arg_names: list[str], constants: dict) -> dict[str, str]:
-    signature = {}
-    for name in arg_names:
-        if name in constants:
-            signature[name] = "constexpr"
-        elif variant.kernel == "attention":
-            signature[name] = (POINTER[variant.dtype] if name in ("Q", "K", "V", "O") else
-                               "*i32" if name in ("KV_INDEX", "KV_COUNT") else "fp32" if name == "qk_scale" else "i32")
-        else:
-            pointers = {"X": POINTER[variant.dtype], "W": "*i8", "Y": POINTER[variant.options["out"]], "W_SCALE": "*fp32",
-                        "ROW_SCALE": "*fp32", "BIAS": "*fp32", "INV_SMOOTH": "*fp32"}
-            signature[name] = pointers.get(name, "i32")
-    return signature
+def _as_tile(tile: tuple, like: Any) -> Any:
+    """``tile`` in the launcher's own tile type (a Tile dataclass or a plain tuple)."""
+    return tile if isinstance(like, tuple) else type(like)(*tile)
 
 
-def compile_variant(variant: Variant, arch: int):
-    """The compiled kernel (triton's CompiledKernel) of ``variant`` for sm_<arch>."""
-    import triton  # noqa: PLC0415
-    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
-    from triton.compiler import ASTSource  # noqa: PLC0415
-
-    if variant.kernel == "attention":
-        from .attention_triton import attention_kernel as kernel  # noqa: PLC0415
-    else:
-        from .int8_triton import int8_linear_kernel as kernel  # noqa: PLC0415
-    if not hasattr(kernel, "arg_names"):
-        raise RuntimeError("the kernel is interpreted (TRITON_INTERPRET is set): unset it to compile")
-    options = dict(variant.options)
-    launch_options = {"num_warps": options.pop("num_warps"), "num_stages": options.pop("num_stages")}
-    options.pop("out", None)
-    source = ASTSource(fn=kernel, signature=_signature(variant, kernel.arg_names, options),
-                       constexprs={(kernel.arg_names.index(k),): v for k, v in options.items()})
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=launch_options)
+def compile_launch(launch: Callable[[], object], arch: int, tile: tuple | None = None) -> list[CompiledLaunch]:
+    """Every Triton kernel ``launch()`` launches, compiled for sm_<arch> as the JIT would (module docstring)."""
+    with _compiling_for(arch, tile) as compiled:
+        launch()
+    if not compiled:
+        raise RuntimeError("compile_check: the call launched no Triton kernel")
+    return compiled
 
 
-def _triton_tool(name: str) -> str | None:
-    """A CUDA tool shipped with Triton (backends/nvidia/bin), else one on PATH."""
-    import triton  # noqa: PLC0415
+def _attention_launch(call: dict, dtype: str) -> Callable[[], object]:
+    import torch  # noqa: PLC0415
 
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    return bundled if os.path.exists(bundled) else shutil.which(name)
+    from . import attention_launch, attention_masks  # noqa: PLC0415
+    from .attention_spec import KVDownsample  # noqa: PLC0415
+
+    torch_dtype = getattr(torch, dtype)
+    grid = tuple(call["grid"])
+    q_len = math.prod(grid)
+    k_len = call.get("k_len") or q_len
+    q = torch.empty(call["batch"], q_len, call["heads"], call["head_dim"], dtype=torch_dtype)
+    k, v = (torch.empty(call["batch"], k_len, call["heads"], call["head_dim"], dtype=torch_dtype) for _ in "kv")
+    down = KVDownsample(grid, 2, call["todo"]) if call.get("todo") else None
+    mask = None
+    if call.get("sparse"):
+        k_grid = down.out_grid if down else None
+        mask = attention_masks.local_window(grid, 2, 64, 64, k_grid=k_grid)
+    attention_launch._check(q, k, v, None, down, mask)
+    return lambda: attention_launch._run_triton(q, k, v, None, down, mask)
 
 
-def resource_usage(compiled) -> dict:
-    """Registers, spilled / stack bytes (cuobjdump, shipped with Triton) and shared memory of a compiled kernel."""
-    usage = {"shared_bytes": getattr(compiled.metadata, "shared", None)}
-    tool = _triton_tool("cuobjdump")
-    if tool is None or "cubin" not in compiled.asm:
-        return usage
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
-        handle.write(compiled.asm["cubin"])
-        handle.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", handle.name], capture_output=True, text=True).stdout
-    for key, name in (("REG", "registers"), ("STACK", "stack_bytes"), ("LOCAL", "local_bytes")):
-        match = re.search(rf"{key}:(\d+)", text)
-        if match:
-            usage[name] = int(match.group(1))
-    return usage
+def _int8_launch(call: dict, dtype: str) -> Callable[[], object]:
+    import torch  # noqa: PLC0415
+
+    from . import int8_launch  # noqa: PLC0415
+
+    m, n, k = call["m"], call["n"], call["k"]
+    x = torch.empty(m, k, dtype=getattr(torch, dtype))
+    w_q = torch.empty(n, k, dtype=torch.int8)
+    w_scale, row_scale, bias = torch.empty(n), torch.empty(m), torch.empty(n)
+    inv_smooth = torch.empty(k) if call.get("smooth") else None
+    out = torch.int32 if call.get("out") == "int32" else None
+    args = (x, w_q, w_scale, row_scale, bias, call.get("act"), inv_smooth, out)
+    int8_launch._check(*args)
+    return lambda: int8_launch._run_triton(*args)
+
+
+LAUNCHES = {"attention": _attention_launch, "int8": _int8_launch}
+
+
+def profile_variant(variant: Variant, arch: int) -> dict:
+    """Compile ``variant`` for sm_<arch> as the JIT would; its fields, ``arch`` and the metrics of
+    :func:`diffrt.kernels.kernel_metrics.metrics` of the first kernel it launches, with its launch ``grid``
+    and ``constants`` (the tile: BLOCK_M, BLOCK_N, ..., num_warps, num_stages)."""
+    from .kernel_metrics import metrics  # noqa: PLC0415
+
+    if variant.kernel not in LAUNCHES:
+        raise ValueError(f"compile_check: unknown kernel {variant.kernel!r}; one of {', '.join(LAUNCHES)}")
+    launch = compile_launch(LAUNCHES[variant.kernel](variant.call, variant.dtype), arch, variant.tile)[0]
+    return {"name": variant.name, **asdict(variant), "arch": arch, "grid": launch.grid, "constants": launch.constants,
+            **metrics(launch.kernel, arch)}
+
+
+def variants(quick: bool = False, kernels: tuple[str, ...] = tuple(LAUNCHES),
+             match: str | None = None) -> list[Variant]:
+    """The variants to check: realistic calls of every model family (``quick``: the CI gate's set);
+    ``match``: only those whose name contains this text."""
+    sets = {"attention": attention_variants, "int8": int8_variants}
+    unknown = set(kernels) - set(sets)
+    if unknown:
+        raise ValueError(f"compile_check: unknown kernels {sorted(unknown)}; one of {', '.join(sets)}")
+    return [variant for name in kernels for variant in sets[name](quick) if match is None or match in variant.name]
+
+
+def run(archs: tuple[int, ...], quick: bool = False, kernels: tuple[str, ...] = tuple(LAUNCHES),
+        match: str | None = None, report: Callable[[dict], None] | None = None) -> tuple[list[dict], list[dict]]:
+    """Profile every variant for every arch: (rows, failures). A failure is the variant's fields,
+    ``arch`` and ``error`` (a compile error, e.g. out of resources); ``report`` sees each row."""
+    rows, failures = [], []
+    for arch in archs:
+        for variant in variants(quick, kernels, match):
+            try:
+                row = profile_variant(variant, arch)
+            except Exception as error:  # noqa: BLE001 - every failing variant is reported, then the run fails
+                row = {"name": variant.name, **asdict(variant), "arch": arch,
+                       "error": f"{type(error).__name__}: {error}"}
+                failures.append(row)
+            else:
+                rows.append(row)
+            if report is not None:
+                report(row)
+    return rows, failures
+
+
+def _summary(row: dict) -> str:
+    if "error" in row:
+        return f"FAILED sm_{row['arch']} {row['name']}: {row['error'][:300]}"
+    return (f"ok sm_{row['arch']} {row['name']}: {row['registers']} regs, stack {row['stack_bytes']}, smem "
+            f"{row['shared_bytes']}/{row['shared_limit']}, wgmma {row['wgmma']}, mma {row['mma']}, cp.async "
+            f"{row['cp_async']}, tma {row['tma_loads']}, stages {row['stages']}, loop {row['loop_instructions']} ins")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m diffrt.kernels.compile_check", description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (80: A100, 90: H100/H200)")
-    parser.add_argument("--quick", action="store_true", help="a subset of each kernel's variants")
-    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated: attention, int8")
-    parser.add_argument("--json", action="store_true", help="print one JSON object per variant")
+    parser.add_argument("--arch", default=",".join(map(str, ARCHS)), help="comma-separated compute capabilities x 10")
+    parser.add_argument("--quick", action="store_true", help="the CI gate's subset")
+    parser.add_argument("--kernels", default=",".join(LAUNCHES), help="comma-separated: attention, int8")
+    parser.add_argument("--match", help="only the variants whose name contains this text, e.g. 'sweep-hd96' or "
+                                        "'sdxl-1024-l1/float16'")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per variant (else one line each)")
+    parser.add_argument("--out", help="also write {'rows': [...], 'failures': [...]} to this JSON file")
     args = parser.parse_args(argv)
-    failures = 0
-    for name in args.kernels.split(","):
-        for variant in KERNELS[name](args.quick):
-            try:
-                usage = resource_usage(compile_variant(variant, args.arch))
-            except Exception as error:  # noqa: BLE001 - report every failing variant, then fail
-                failures += 1
-                print(f"FAILED {asdict(variant)}: {type(error).__name__}: {error}", file=sys.stderr)
-                continue
-            row = {**asdict(variant), **usage}
-            print(json.dumps(row) if args.json else f"ok {row}")
+    os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="diffrt-compile-check-"))
+    archs = tuple(int(arch) for arch in args.arch.split(","))
+    rows, failures = run(archs, args.quick, tuple(args.kernels.split(",")), args.match,
+                         lambda row: print(json.dumps(row) if args.json else _summary(row), flush=True))
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump({"rows": rows, "failures": failures}, handle, indent=1)
+    for row in failures:
+        print(_summary(row), file=sys.stderr)
     return 1 if failures else 0
 
 

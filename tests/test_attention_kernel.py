@@ -201,7 +201,7 @@ def test_bad_options_raise_with_the_sizes():
             torch.ones(1, 1, 1, 1, dtype=torch.bool), 16, 16, 16, 16))
     with pytest.raises(ValueError, match="heads 1 or 2"):
         attention(q, k, v, block_mask=BlockMask(torch.ones(1, 3, 1, 1, dtype=torch.bool), 16, 16, 16, 16))
-    with pytest.raises(ValueError, match="scale must be finite"):
+    with pytest.raises(ValueError, match="scale must be None or a finite number"):
         attention(q, k, v, scale=math.nan)
     with pytest.raises(ValueError, match="head dim 320 > 256"):
         big = torch.zeros(1, 4, 1, 320)
@@ -231,16 +231,153 @@ def test_auto_never_interprets_and_explains_why(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("head_dim, mode", [(64, "nearest"), (72, "average"), (160, None)])
 def test_every_autotune_candidate_computes_the_same(monkeypatch, head_dim, mode):
-    """On CUDA the first call of a shape class times several tiles: the chosen one and each candidate are right."""
+    """On CUDA the first call of a shape class times several tiles (TMA ones too on Hopper): the chosen one
+    and each candidate are right."""
     from diffrt.kernels import attention_launch, attention_tiles, autotune
 
     q, k, v = _qkv(2, 400, 400, 3, head_dim, torch.float16, "cuda", _gen("tune", head_dim, mode))
-    spec = None if mode is None else KVDownsample((20, 20), 2, mode)
+    spec = None if mode is None else KVDownsample((25, 16) if mode == "nearest" else (20, 20), 2, mode)
     monkeypatch.setenv("DIFFRT_AUTOTUNE", "1")
     autotune.clear()
     assert_close_to_truth(attention(q, k, v, kv_downsample=spec, backend="triton"), q, k, v, kv_downsample=spec)
     code = 0 if mode is None else attention_launch.MODE_CODES[mode]
-    for tile in attention_tiles.candidates(head_dim, head_dim, None, code):
+    down = (code, 1, 1, 1, 1) if spec is None else (code, 2, *spec.grid, spec.out_grid[1])
+    arch = torch.cuda.get_device_capability(q.device)[0]
+    tma = attention_tiles.tma_available(q, k, v, down, arch)
+    assert tma == (arch == 9 and mode != "average")  # nearest: a downsampled width of 8
+    for tile in attention_tiles.candidates(head_dim, head_dim, None, code, q.dtype, tma, arch):
         monkeypatch.setattr(attention_tiles, "choose_tiles", lambda *args, tile=tile, **kwargs: tile)
         out = attention(q, k, v, kv_downsample=spec, backend="triton")
         assert_close_to_truth(out, q, k, v, kv_downsample=spec)
+
+
+# ----------------------------------------------------------------- kernel variants, launched directly
+def _launch_kernel(q, k, v, scale=None, spec=None, mask=None, block=(32, 16), tma=False, split=(1, 1)):
+    """attention_triton.launch with a chosen tile and read path, into a NaN-poisoned output (``split``: a mask's
+    blocks as (query, key) tiles of a part of them each)."""
+    from diffrt.kernels import attention_launch, attention_triton
+
+    out = torch.full((*q.shape[:3], v.shape[3]), math.nan, dtype=q.dtype)
+    if spec is None:
+        down = (0, 1, 1, 1, 1)
+    else:
+        down = (attention_launch.MODE_CODES[spec.mode], spec.factor, *spec.grid, spec.out_grid[1])
+    tables = (None, None, (0, 0, 0), (0, 0, 0))
+    if mask is not None:
+        index, count = attention_launch.block_mask_tables(mask, q.device)
+        tables = (index, count, attention_launch._broadcast_strides(index), attention_launch._broadcast_strides(count))
+        block = (mask.q_block // split[0], mask.k_block // split[1])
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    attention_triton.launch(q, k, v, out, *tables, scale, down, *block, 4, 1, False, tma, *split)
+    return out
+
+
+SPLIT_LENGTHS = [(45, 77), (33, 64), (20, 10)]  # a ragged last key tile, only full tiles, one partial tile
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+@pytest.mark.parametrize("lengths", SPLIT_LENGTHS, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("head_dim", [40, 64, 72])
+def test_split_loop_dense_matches_fp64(tma, lengths, dtype, head_dim):
+    """Full key tiles unmasked, the last one masked: keys past Lk never count, whichever read path."""
+    q, k, v = _qkv(2, *lengths, 2, head_dim, dtype, "cpu", _gen("split", lengths, dtype, head_dim))
+    assert_close_to_truth(_launch_kernel(q, k, v, tma=tma), q, k, v)
+
+
+# downsampled widths 4, 4, 8, 4 (boxes of whole rows) and 32 (a box is half a row)
+NEAREST_GRIDS = [((8, 8), 2), ((6, 8), 2), ((9, 16), 2), ((8, 16), 4), ((3, 64), 2)]
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+@pytest.mark.parametrize("grid, factor", NEAREST_GRIDS, ids=str)
+@pytest.mark.parametrize("head_dim", [40, 72])
+def test_nearest_read_paths_match_fp64(tma, grid, factor, head_dim):
+    """ToDo nearest through pointers or through the strided tensor-descriptor view (boxes of whole rows)."""
+    spec = KVDownsample(grid, factor, "nearest")
+    tokens = grid[0] * grid[1]
+    q, k, v = _qkv(1, 37, tokens, 2, head_dim, torch.float16, "cpu", _gen("nearest", grid, factor, head_dim))
+    assert_close_to_truth(_launch_kernel(q, k, v, spec=spec, tma=tma), q, k, v, kv_downsample=spec)
+
+
+@pytest.mark.parametrize("grid, factor", [((8, 8), 2), ((5, 7), 2), ((6, 9), 3)], ids=str)
+@pytest.mark.parametrize("head_dim", [40, 72])
+def test_split_loop_average_matches_fp64(grid, factor, head_dim):
+    spec = KVDownsample(grid, factor, "average")
+    tokens = grid[0] * grid[1]
+    q, k, v = _qkv(1, 29, tokens, 2, head_dim, torch.float16, "cpu", _gen("average", grid, factor, head_dim))
+    assert_close_to_truth(_launch_kernel(q, k, v, spec=spec, block=(32, 16)), q, k, v, kv_downsample=spec)
+
+
+@pytest.mark.parametrize("tma", [False, True], ids=["pointer", "tma"])
+@pytest.mark.parametrize("k_len", [77, 64], ids=["ragged", "full"])
+def test_split_loop_with_a_block_mask(tma, k_len):
+    """The last listed key block is the masked one: ragged (77 keys) or full (64); empty rows stay 0."""
+    gen = _gen("split mask", k_len)
+    q, k, v = _qkv(2, 50, k_len, 2, 72, torch.float16, "cpu", gen)
+    mask = _random_mask(2, 2, 50, k_len, 16, 16, gen)
+    out = _launch_kernel(q, k, v, mask=mask, tma=tma)
+    assert_close_to_truth(out, q, k, v, block_mask=mask)
+    assert torch.equal(out[0, :16, 0].float(), torch.zeros(16, 72))
+
+
+@pytest.mark.parametrize("k_len", [77, 64, 85], ids=["ragged", "full", "ragged-past-a-half"])
+@pytest.mark.parametrize("split", [(2, 2), (4, 2), (1, 2)], ids=str)
+def test_a_block_masks_blocks_split_into_smaller_tiles(split, k_len):
+    """sm_80's tile for large head dims: a mask block of 64 x 32 as tiles of 64 / q_split rows and 16 keys; the
+    last block's second key tile may lie past the keys (77 = 2 x 32 + 13: inside the first half; 85: a second
+    half of 5 keys)."""
+    gen = _gen("split blocks", split, k_len)
+    q, k, v = _qkv(2, 100, k_len, 2, 40, torch.float16, "cpu", gen)
+    mask = _random_mask(2, 2, 100, k_len, 64, 32, gen)
+    out = _launch_kernel(q, k, v, mask=mask, split=split)
+    assert_close_to_truth(out, q, k, v, block_mask=mask)
+    assert torch.equal(out[0, :64, 0].float(), torch.zeros(64, 40))
+
+
+@pytest.mark.parametrize("scale", [-0.2, 0.0], ids=["negative", "zero"])
+def test_negative_and_zero_scales(scale):
+    """The loop folds |scale| into one multiply-add: a negative scale negates q (exactly), zero weighs keys evenly."""
+    q, k, v = _qkv(1, 45, 77, 2, 40, torch.float32, "cpu", _gen("scale", scale))
+    assert_close_to_truth(attention(q, k, v, scale=scale, backend="triton"), q, k, v, scale=scale)
+
+
+def test_stride_alignment_and_tma_layout():
+    from diffrt.kernels.attention_triton import stride_alignment, tma_layout_ok, tma_reads
+
+    x = torch.randn(2, 16, 8, 40, dtype=torch.float16)
+    assert stride_alignment(x) == 8 and tma_layout_ok(x)  # 40 halves = 80 bytes: 16-byte rows
+    assert stride_alignment(x.float()) == 4
+    odd = torch.randn(2, 16, 3, 20, dtype=torch.float16)[..., 1:]  # head stride 20, columns shifted by one
+    assert stride_alignment(odd) == 4 and not tma_layout_ok(odd)
+    assert stride_alignment(torch.randn(1, 5, 3, 7, dtype=torch.float16)) == 1
+    assert not tma_layout_ok(x.transpose(2, 3))  # last dim not contiguous
+    assert tma_reads(x, x, (1, 2, 4, 4, 2))  # ToDo nearest, downsampled width 2
+    assert not tma_reads(x, x, (1, 2, 4, 6, 3)) and not tma_reads(x, x, (2, 2, 4, 4, 2))  # width 3; average
+    with pytest.raises(ValueError, match="tensor descriptors cannot read"):
+        _launch_kernel(odd, odd, odd, tma=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_heuristic_leads_the_candidates_and_takes_tma_where_offered(dtype, mode, head_dim):
+    from diffrt.kernels import attention_tiles
+
+    for tma, arch in ((False, 8), (True, 9), (False, None)):
+        tile = attention_tiles.heuristic(head_dim, head_dim, None, mode, dtype, tma, arch)
+        options = attention_tiles.candidates(head_dim, head_dim, None, mode, dtype, tma, arch)
+        assert options[0] == tile and len(set(options)) == len(options)
+        assert tile.tma == (tma and mode != 2 and dtype != torch.float32)  # fp32 keeps pointers: fewer spills
+        assert any(option.tma for option in options) == (tma and mode != 2)
+        assert not any(option.tma for option in attention_tiles.candidates(head_dim, head_dim, None, mode, dtype))
+
+
+def test_tma_is_offered_on_hopper_only():
+    from diffrt.kernels import attention_tiles
+
+    q = torch.randn(1, 16, 2, 64, dtype=torch.float16)
+    assert attention_tiles._capability_major(q.device) is None
+    assert not attention_tiles.tma_available(q, q, q, (0, 1, 1, 1, 1), None)
+    assert attention_tiles.tma_available(q, q, q, (0, 1, 1, 1, 1), 9)
+    assert not attention_tiles.tma_available(q, q, q, (0, 1, 1, 1, 1), 8)
