@@ -931,7 +931,8 @@ API = [  # (call, argument, bad values, words a good message holds)
     ("Sampler", "colour", ["red"], ("colour",)),
     ("Sampler.sample", "noise", [T("nan"), T("inf"), T("shape"), T("3d"), T("int"), T("empty"), T("list"), "noise",
                                  None], ("noise", "sample")),
-    ("Sampler.sample", "cond", [T("shape"), T("empty"), T("list"), 10, -1, 11, "7"],
+    # a Python list of labels and a single label are conditions (converted once); 10 is the null class
+    ("Sampler.sample", "cond", [T("shape"), T("empty"), -1, 11, "7"],
      ("cond", "class", "label")),
     ("Sampler.sample", "uncond", [T("shape"), T("empty"), 11, -1], ("uncond", "class", "label")),
     ("optimize", "dtype", ["fp16", 3, "float8"], ("dtype",)),

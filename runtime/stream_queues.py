@@ -53,7 +53,9 @@ class StreamQueues:
     """The queues and the worker thread of :class:`~diffrt.runtime.stream.StreamPipeline` (a mixin)."""
 
     def _init_queues(self, queue_size: int) -> None:
-        self.queue_size = queue_size  # frames waiting in the input queue at most (<= 0: unbounded)
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be an integer >= 1 (frames waiting at most), got {queue_size!r}")
+        self.queue_size = queue_size  # frames waiting in the input queue at most
         self._state = threading.Condition()  # guards the fields below; notified when they or the queue change
         self._inputs: queue.Queue = queue.Queue()  # bounded by submit(), so close() never blocks on it
         self._outputs: queue.Queue = queue.Queue()
@@ -91,7 +93,7 @@ class StreamQueues:
         with self._state:
             while True:
                 self._check_accepting()
-                if self.queue_size <= 0 or self._inputs.qsize() < self.queue_size:
+                if self._inputs.qsize() < self.queue_size:
                     frame_id, self._submitted = self._submitted, self._submitted + 1
                     self._inputs.put((frame, cond, frame_id))
                     return frame_id

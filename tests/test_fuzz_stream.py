@@ -232,7 +232,7 @@ def _poll(pipe: StreamPipeline) -> list:
 
 
 worker_args = dict(inputs=INPUTS, polls=st.lists(st.booleans(), min_size=6, max_size=6), fixed_shape=st.booleans(),
-                   similarity=st.sampled_from([None, None, 0.5]), queue_size=st.sampled_from([1, 2, 8, 0]))
+                   similarity=st.sampled_from([None, None, 0.5]), queue_size=st.sampled_from([1, 2, 8]))
 
 
 @CI
