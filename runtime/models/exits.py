@@ -159,7 +159,7 @@ def _exit_loop(dit, heads, segments, state, h, c, quant, narrowed: contextlib.Ex
     rows = torch.arange(batch, device=h.device)  # the rows still running, into the output
     done = torch.zeros(batch, dtype=torch.bool, device=h.device)  # of the running rows: output already fixed
     unfinished = torch.zeros(exits, dtype=torch.int64, device=h.device)  # per exit, for the next calls' plans
-    let_go = torch.zeros((), dtype=torch.int64, device=h.device)  # rows sent away unfinished at earlier exits
+    let_go = torch.zeros((), device=h.device)  # rows sent away unfinished earlier, expected still unfinished here
     plan = None if state.synchronous else state.plan(batch, exits)
     out: torch.Tensor | None = None
     state.begin(batch, dit.num_blocks)
@@ -171,7 +171,9 @@ def _exit_loop(dit, heads, segments, state, h, c, quant, narrowed: contextlib.Ex
             confident = confident.all().expand(running)
         finished = done | confident
         left = (~finished).sum()
-        unfinished[index] = left + let_go  # rows let go unfinished count as unfinished here too: no ratchet down
+        # rows let go unfinished are expected to stay unfinished as often as the running ones did at this exit
+        let_go = let_go * left / (~done).sum().clamp_min(1)
+        unfinished[index] = left + let_go.round().long()  # (not counting them would ratchet the plans down)
         keep = int(left) if plan is None else min(plan[index], running)  # int(left): the synchronous mode's read
         prediction = predicted[0] if predicted else heads.predict(dit, index, h, c)
         if out is None:
