@@ -75,16 +75,24 @@ PYBIND11_MODULE(_C, m) {
       "solver_step_cpu",
       [](std::uintptr_t x, std::uintptr_t cond, std::uintptr_t uncond, std::uintptr_t history, std::uintptr_t noise,
          std::uintptr_t out, std::uintptr_t table, std::uintptr_t itable, std::uintptr_t step, int64_t numel,
-         int64_t n_steps, int64_t n_noise, int n_out, int n_slots, int x_dtype, int model_dtype, int threads) {
-        const auto args = make_args(x, cond, uncond, history, noise, out, table, itable, step, numel, n_steps,
-                                    n_noise, n_out, n_slots);
+         int64_t n_steps, int64_t n_noise, int n_out, int n_slots, int x_dtype, int model_dtype, int threads,
+         std::uintptr_t scaled, double scale, int scaled_copies, bool advance) {
+        auto args = make_args(x, cond, uncond, history, noise, out, table, itable, step, numel, n_steps,
+                              n_noise, n_out, n_slots);
+        args.scaled = as_ptr<void>(scaled);
+        args.scale = static_cast<float>(scale);
+        args.scaled_copies = scaled_copies;
         diffrt::solver_step_cpu(args, x_dtype, model_dtype, threads);
+        if (advance) ++*as_ptr<int64_t>(step);  // after a step that did not throw
       },
       py::arg("x"), py::arg("cond"), py::arg("uncond"), py::arg("history"), py::arg("noise"), py::arg("out"),
       py::arg("table"), py::arg("itable"), py::arg("step"), py::arg("numel"), py::arg("n_steps"), py::arg("n_noise"),
       py::arg("n_out"), py::arg("n_slots"), py::arg("x_dtype"), py::arg("model_dtype"), py::arg("threads") = 0,
+      py::arg("scaled") = 0, py::arg("scale") = 1.0, py::arg("scaled_copies") = 1, py::arg("advance") = false,
       py::call_guard<py::gil_scoped_release>(),
-      "Fused solver step on host memory (OpenMP). Raises ValueError on a bad step index or row.");
+      "Fused solver step on host memory (OpenMP). Raises ValueError on a bad step index or row. `scaled` (an "
+      "address, 0: none) also receives out * scale (the next model input), `scaled_copies` times one after the "
+      "other; `advance` adds 1 to the step index.");
 
   m.def(
       "solver_step_cuda",

@@ -56,6 +56,12 @@ struct StepArgs {
   int64_t n_noise;        // 0 when noise is null
   int n_out;
   int n_slots;
+  // C++ (CPU) kernel only: when not null, also writes scaled[c * numel + i] = round(widen(out[i]) * scale)
+  // for c < scaled_copies: the next step's model input c_in * x (one multiply, as `x * c_in` rounds), twice
+  // for a CFG batch [x; x], so the caller needs no extra op.
+  void* scaled = nullptr;  // [scaled_copies, numel], storage dtype, or null
+  float scale = 1.0f;
+  int scaled_copies = 1;
 };
 
 DIFFRT_HD int table_width(int n_out, int n_slots) { return kX0Cols + n_out * (kOutFixedCols + n_slots); }

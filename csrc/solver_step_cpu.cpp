@@ -210,6 +210,16 @@ DIFFRT_INLINE void chunk_body(const StepArgs& a, const float* row, const int32_t
   for (int k = 1; k < a.n_out; ++k) {
     if (irow[1 + k] >= 0) store<F16C>(outs + k * kChunk, n, static_cast<T*>(a.history) + irow[1 + k] * numel + begin);
   }
+
+  // 4. the next model input, scaled = out * scale (scaled_copies times): from the rounded output, one
+  //    rounding, as `out * c_in`.
+  if (a.scaled != nullptr) {
+    const float* rounded = outs;
+    if constexpr (!std::is_same_v<T, float>) rounded = load<F16C>(static_cast<const T*>(a.out) + begin, n, x0);
+    const float scale = a.scale;
+    for (int c = 0; c < n; ++c) x0[c] = rounded[c] * scale;
+    for (int copy = 0; copy < a.scaled_copies; ++copy) store<F16C>(x0, n, static_cast<T*>(a.scaled) + copy * numel + begin);
+  }
 }
 
 // The same body compiled twice: for any x86-64 (SSE2), and for AVX2 + F16C.
@@ -244,7 +254,13 @@ void run(const StepArgs& a, const float* row, const int32_t* irow, int threads) 
 #ifdef _OPENMP
   if (numel >= kParallelThreshold) team = threads > 0 ? threads : omp_get_max_threads();
 #endif
-  std::vector<float> buf(per_thread * team);  // allocated here: nothing may throw in the parallel region
+  // Scratch kept per calling thread and grown, never shrunk: allocating (and zeroing) it on every call cost
+  // more than the step itself on small latents. Sized here: nothing may throw in the parallel region.
+  // (thread_local: inside the parallel region `buf` would name each worker's own, empty, vector, so the
+  // region uses `scratch`, the calling thread's storage.)
+  thread_local std::vector<float> buf;
+  if (buf.size() < per_thread * team) buf.resize(per_thread * team);
+  float* const scratch = buf.data();
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
 #endif
@@ -254,7 +270,7 @@ void run(const StepArgs& a, const float* row, const int32_t* irow, int threads) 
     thread = omp_get_thread_num();
 #endif
     const int64_t begin = ch * kChunk;
-    chunk(a, row, irow, begin, static_cast<int>(std::min<int64_t>(kChunk, numel - begin)), buf.data() + thread * per_thread);
+    chunk(a, row, irow, begin, static_cast<int>(std::min<int64_t>(kChunk, numel - begin)), scratch + thread * per_thread);
   }
   (void)threads;
 }

@@ -169,6 +169,15 @@ def solver_step(x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None
     return chosen.run(x, cond, uncond, history, noise, table, itable, step, out)
 
 
+def _copies(scaled: torch.Tensor, numel: int) -> int:
+    """How many copies of a [numel] sample the buffer ``scaled`` holds."""
+    copies, rest = divmod(scaled.numel(), numel) if numel else (0, 1)
+    if copies < 1 or rest:
+        raise ValueError(f"solver_step: scaled has shape {_shape(scaled)}; it must hold whole copies of x "
+                         f"({numel} elements)")
+    return copies
+
+
 class PreparedStep:
     """A solver step checked and dispatched once, for a caller that steps the same buffers many times: calling
     it with tensors of the prepared shape, dtypes and device (contiguous) runs the chosen backend directly;
@@ -185,7 +194,8 @@ class PreparedStep:
         chosen = registry.choose_for(OP, features, backend)
         self._run = chosen.run
         self._backend = backend
-        self._shape, self._dtype, self._model_dtype, self._device = x.shape, x.dtype, cond.dtype, x.device
+        self._shape, self._dtype, self._model_dtype = x.shape, x.dtype, cond.dtype
+        self._device_index, self._numel = x.get_device(), x.numel()  # get_device: -1 on the CPU
         self._guided = uncond is not None
         table, itable = table.contiguous(), itable.contiguous()
         self._buffers = (history, noise, table, itable, step)
@@ -197,22 +207,50 @@ class PreparedStep:
             self._native = (module.solver_step_cpu if chosen.name == "cpu" else module.solver_step_cuda,
                             chosen.name == "cuda", args[3:5], args[6:])
 
-    def _matches(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, out: torch.Tensor) -> bool:
-        if (x.shape != self._shape or cond.shape != self._shape or out.shape != self._shape
-                or x.dtype != self._dtype or out.dtype != self._dtype or cond.dtype != self._model_dtype
-                or x.device != self._device or cond.device != self._device or out.device != self._device
-                or (uncond is not None) != self._guided
-                or not (x.is_contiguous() and cond.is_contiguous() and out.is_contiguous())):
+    def _matches(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, out: torch.Tensor,
+                 scaled: torch.Tensor | None = None) -> bool:
+        """Whether the tensors have the prepared layout (each attribute read once: this runs every step)."""
+        shape, dtype, model_dtype, index = self._shape, self._dtype, self._model_dtype, self._device_index
+        if (x.shape != shape or x.dtype != dtype or x.get_device() != index or not x.is_contiguous()
+                or cond.shape != shape or cond.dtype != model_dtype or cond.get_device() != index
+                or not cond.is_contiguous() or (uncond is not None) != self._guided):
             return False
-        return uncond is None or (uncond.shape == self._shape and uncond.dtype == self._model_dtype
-                                  and uncond.device == self._device and uncond.is_contiguous())
+        if out is not x and (out.shape != shape or out.dtype != dtype or out.get_device() != index
+                             or not out.is_contiguous()):
+            return False
+        if scaled is not None and (scaled.dtype != dtype or scaled.get_device() != index or not scaled.is_contiguous()):
+            return False
+        return uncond is None or (uncond.shape == shape and uncond.dtype == model_dtype
+                                  and uncond.get_device() == index and uncond.is_contiguous())
 
-    def __call__(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, out: torch.Tensor,
+                 scaled: torch.Tensor | None = None, scale: float = 1.0, advance: bool = False) -> torch.Tensor:
+        """The step into ``out``; then, optionally, ``scaled`` = out * scale (the next model input, rounded as
+        ``out * scale`` rounds), and the step index + 1. ``scaled`` is a buffer apart from ``out`` holding one
+        or more copies of it along the first dimension ([2B, ...] for a CFG batch [x; x]; B = x.shape[0]).
+        The C++ kernel does both inside its call (no extra op); the other backends run torch ops after the step."""
+        copies = 0 if scaled is None else _copies(scaled, self._numel)
+        native = self._native
+        if native is not None and not native[1] and self._matches(x, cond, uncond, out, scaled):
+            kernel, _, buffers, rest = native
+            kernel(x.data_ptr(), cond.data_ptr(), 0 if uncond is None else uncond.data_ptr(), *buffers, out.data_ptr(),
+                   *rest, torch.get_num_threads(), 0 if scaled is None else scaled.data_ptr(), scale, copies, advance)
+            return out
+        self._step(x, cond, uncond, out)
+        if scaled is not None:
+            torch.mul(out.expand(copies, *out.shape), scale, out=scaled.view(copies, *out.shape))
+        if advance:
+            self._buffers[4].add_(1)
+        return out
+
+    def _step(self, x: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor | None, out: torch.Tensor) -> None:
         if not self._matches(x, cond, uncond, out):
             history, noise, table, itable, step = self._buffers
-            return solver_step(x, cond, uncond, history, noise, table, itable, step, out=out, backend=self._backend)
+            solver_step(x, cond, uncond, history, noise, table, itable, step, out=out, backend=self._backend)
+            return
         if self._native is None:
-            return self._run(x, cond, uncond, *self._buffers, out)
+            self._run(x, cond, uncond, *self._buffers, out)
+            return
         kernel, on_cuda, buffers, rest = self._native
         pointers = (x.data_ptr(), cond.data_ptr(), 0 if uncond is None else uncond.data_ptr(), *buffers, out.data_ptr())
         if not on_cuda:
@@ -222,4 +260,3 @@ class PreparedStep:
                 kernel(*pointers, *rest, torch.cuda.current_stream().cuda_stream)
         else:
             kernel(*pointers, *rest, torch.cuda.current_stream().cuda_stream)
-        return out

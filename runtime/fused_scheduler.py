@@ -19,12 +19,14 @@ use the real scheduler, with the reason logged once (:attr:`FusedScheduler.fallb
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 
 from diffrt.kernels import PreparedStep
@@ -121,8 +123,10 @@ class FusedScheduler:
             self._check_second(timestep)
         if self._plan is None:
             return self._scheduler.step(model_output, timestep, sample, *args, **kwargs)
-        output = StepOutput(*self._fused_step(model_output, sample, arguments.get("generator")))
-        return output if arguments.get("return_dict", True) else output.to_tuple()
+        prev_sample, second = self._fused_step(model_output, sample, arguments.get("generator"))
+        if arguments.get("return_dict", True):
+            return StepOutput(prev_sample, second)
+        return (prev_sample,) if second is None else (prev_sample, second)
 
     # ------------------------------------------------------------------ plans and the fused step
 
@@ -247,9 +251,8 @@ class FusedScheduler:
             state.launch = PreparedStep(sample, model_output, None, state.history, state.noise, state.table,
                                         state.itable, state.step, out, self._backend)
             state.launch_plan = plan
-        state.launch(sample, model_output, None, out)
-        second = self._second_output(row, sample, model_output)
-        state.step += 1
+        state.launch(sample, model_output, None, out, advance=True)
+        second = None if state.second is None else self._second_output(state.second, row, sample, model_output)
         state.row += 1
         return out, second
 
@@ -260,17 +263,15 @@ class FusedScheduler:
         count = plan.n_noise
         state = SimpleNamespace(
             plan=plan, row=self._begin, x_shape=sample.shape, device=device, table=table, itable=itable, launch=None,
-            launch_plan=None,
+            launch_plan=None, second=SECOND_OUTPUT.get(type(self._scheduler).__name__),
             step=torch.full((), self._begin, dtype=torch.int64, device=device), noise_index=noise_index,
             history=torch.zeros((plan.n_slots, *sample.shape), dtype=sample.dtype, device=device) if plan.n_slots else None,
             noise=torch.zeros((count, *sample.shape), dtype=sample.dtype, device=device) if count else None)
         self.__dict__["_state"] = state
         return state
 
-    def _second_output(self, row, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor | None:
-        kind = SECOND_OUTPUT.get(type(self._scheduler).__name__)
-        if kind is None:
-            return None
+    def _second_output(self, kind: str, row, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """What step() returns beside prev_sample (``kind``: :data:`SECOND_OUTPUT`), from the step's inputs."""
         x0 = row.x0_x * sample.float() + row.x0_model * model_output.float()
         if row.clip is not None:
             x0 = x0.clamp(-row.clip, row.clip)
@@ -308,8 +309,11 @@ def _text(value: Any) -> str:
         return "[" + ",".join(_text(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ",".join(f"{k}:{_text(v)}" for k, v in sorted(value.items())) + "}"
-    if torch.is_tensor(value) or hasattr(value, "tolist"):
-        return "array" + repr(torch.as_tensor(value).detach().cpu().double().tolist())
+    if torch.is_tensor(value):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, (np.ndarray, np.generic)):  # the exact values: dtype, shape and bytes
+        value = np.ascontiguousarray(value)
+        return f"array({value.dtype.str},{value.shape},{value.tobytes().hex()})"
     raise TypeError(type(value).__name__)
 
 
@@ -324,7 +328,8 @@ def _device_tables(plan: SolverPlan, device: torch.device) -> tuple[torch.Tensor
 
 # multistep schedulers whose plans take the step option ``begin``: a loop started mid-list (img2img) restarts the
 # solver's warm-up there, as diffusers does
-RESTARTING = ("PNDMScheduler", "DPMSolverMultistepScheduler", "DEISMultistepScheduler")
+RESTARTING = ("PNDMScheduler", "DPMSolverMultistepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
+              "LMSDiscreteScheduler")
 
 
 def _starts_fresh(plan: SolverPlan, begin: int) -> bool:
@@ -369,8 +374,8 @@ def _signature(scheduler: Any, method: str) -> inspect.Signature:
 
 
 def _with_signature(function, signature: inspect.Signature):
-    """``function`` presenting ``signature`` to ``inspect.signature`` (pipelines read it)."""
-    def proxy(*args: Any, **kwargs: Any) -> Any:
-        return function(*args, **kwargs)
+    """``function`` presenting ``signature`` to ``inspect.signature`` (pipelines read it); a partial, so a call
+    adds no Python frame."""
+    proxy = functools.partial(function)
     proxy.__signature__ = signature
     return proxy

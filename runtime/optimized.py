@@ -84,8 +84,15 @@ class OptimizedDenoiser(Denoiser):
         self.int8_layers = [names[module] for module in self.int8_weights]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        if not self.has_switches:
+            return super().__call__(x, t, cond)
         with context.switches(**self.call_switches(x, t)):
             return super().__call__(x, t, cond)
+
+    @property
+    def has_switches(self) -> bool:
+        """Whether :meth:`call_switches` turns anything on (else a call is the model's own, given its dtype)."""
+        return self.step_cache is not None or self.settings is not None or self.int8_mode is not None
 
     def call_switches(self, x: torch.Tensor, t: Any) -> dict[str, Any]:
         """The call-context switches of a model call on sample x [B, ...] at timesteps t: only what this

@@ -111,7 +111,9 @@ def accelerate(pipe: Any, *, dtype: torch.dtype | None = None, attention: str | 
     state = PipelineAcceleration(type(pipe), denoiser_name, module, fast, step_backend,
                                  guidance=None if threshold is None else AdaptiveGuidance(threshold),
                                  graphs=GraphedCalls() if cuda_graphs else None)
-    module.forward = _switching_forward(module, state)
+    if fast.model is not module or fast.has_switches or state.graphs is not None or state.guidance is not None:
+        module.forward = _switching_forward(module, state)
+    # else the denoiser runs as it is (exact options on the model's own dtype): no wrapper on its calls
     object.__setattr__(pipe, STATE, state)
     pipe.__class__ = _accelerated_class(type(pipe))
     log.info("accelerate: %s.%s (%s)", type(pipe).__name__, denoiser_name, fast.describe().splitlines()[0])

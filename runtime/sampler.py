@@ -140,6 +140,8 @@ class Sampler:
         self.backend = backend
         self.generator_parity = False
         self._device_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._input_scales = plan.input_scales().tolist()  # host copies: the loop's per-step Python floats
+        self._timestep_rows: dict[tuple, list[torch.Tensor]] = {}
 
     @property
     def steps(self) -> int:
@@ -155,6 +157,13 @@ class Sampler:
                                         self.plan.timesteps().to(torch.float32).to(device),
                                         self.plan.input_scales().to(torch.float32).to(device))
         return self._device_tables[key]
+
+    def timestep_rows(self, device: torch.device, rows: int) -> list[torch.Tensor]:
+        """The model timesteps of every step as [rows] views of the device table, built once per device and rows."""
+        key = (str(device), rows)
+        if key not in self._timestep_rows:
+            self._timestep_rows[key] = list(self.tables(device)[2].view(-1, 1).expand(-1, rows).unbind(0))
+        return self._timestep_rows[key]
 
     def draw_noise(self, shape: torch.Size, dtype: torch.dtype, device: torch.device,
                    generator: torch.Generator | list[torch.Generator] | None, generator_parity: bool = False
@@ -217,18 +226,27 @@ class Sampler:
             model_cond = conditions.cat(conditions.expand(uncond, batch), conditions.expand(cond, batch))
         else:
             model_cond = cond
-        # host-known per-step values: the input scale as a kernel scalar (none when it is 1), the model
-        # timesteps as rows of a device table [steps, rows]; no per-step gather, no host read
-        scales = self.plan.input_scales().tolist()
-        rows = 2 * batch if guided else batch
-        timesteps = self.tables(state.x.device)[2].view(-1, 1).expand(-1, rows)
+        # host-known per-step values: the input scale as a kernel scalar, the model timesteps as rows of a device
+        # table; no per-step gather, no host read. Each step writes the next model input (c_in * x, [x; x] under
+        # CFG) into one buffer beside x, so a step is the model and one fused kernel (on CPU; elsewhere a multiply
+        # follows it). Like x itself, which is the input where c_in = 1, the buffer is rewritten every step: a
+        # model must not keep its input past its call.
+        scales, rows = self._input_scales, 2 * batch if guided else batch
+        timesteps = self.timestep_rows(state.x.device, rows)
+        x_in = state.x if scales[0] == 1.0 else state.x * scales[0]
+        if guided:
+            x_in = torch.cat([x_in, x_in])
+        buffer, last = (None if x_in is state.x else x_in), self.plan.steps - 1
         for i in range(self.plan.steps):
-            x_in = state.x if scales[i] == 1.0 else state.x * scales[i]
-            if guided:
-                out_uncond, out_cond = self.denoiser(torch.cat([x_in, x_in]), timesteps[i], model_cond).chunk(2)
+            out = self.denoiser(x_in, timesteps[i], model_cond)
+            out_uncond, out_cond = out.chunk(2) if guided else (None, out)
+            if i < last and (guided or scales[i + 1] != 1.0):
+                if buffer is None:
+                    buffer = torch.empty_like(state.x)
+                x_in = buffer
+                self.step(state, out_cond, out_uncond, buffer, scales[i + 1])
             else:
-                out_cond, out_uncond = self.denoiser(x_in, timesteps[i], model_cond), None
-            self.step(state, out_cond, out_uncond)
+                x_in = self.step(state, out_cond, out_uncond)
             if callback is not None:
                 callback(i, state.x)
         return state.x
@@ -256,7 +274,7 @@ class Sampler:
         active = batch  # the host's bound on the guided samples: never below the device's count
         evaluations, per_step, estimated_steps = 0, [], 0
         previous: tuple[torch.Tensor, torch.Tensor] | None = None
-        scales = self.plan.input_scales().tolist()
+        scales = self._input_scales
         timesteps = self.tables(device)[2]
         shape = (-1, *([1] * (state.x.dim() - 1)))
         for i in range(self.plan.steps):
@@ -325,14 +343,16 @@ class Sampler:
         x_in = state.x * scales.index_select(0, idx).to(state.x.dtype)
         return x_in, timesteps.index_select(0, idx).expand(state.x.shape[0])
 
-    def step(self, state: "SamplerState", out_cond: torch.Tensor, out_uncond: torch.Tensor | None = None) -> torch.Tensor:
-        """One fused solver step from the model outputs; advances ``state`` in place, returns x."""
+    def step(self, state: "SamplerState", out_cond: torch.Tensor, out_uncond: torch.Tensor | None = None,
+             scaled: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+        """One fused solver step from the model outputs; advances ``state`` in place, returns x. ``scaled`` (a
+        buffer of one or more copies of x along dim 0, apart from x) also receives ``scale * x``, the next model
+        input."""
         if state.prepared is None:  # checked and dispatched once per trajectory
             table, itable, _, _ = self.tables(state.x.device)
             state.prepared = PreparedStep(state.x, out_cond, out_uncond, state.history, state.noise, table, itable,
                                           state.step, state.x, self.backend)
-        state.prepared(state.x, out_cond, out_uncond, state.x)
-        state.step += 1
+        state.prepared(state.x, out_cond, out_uncond, state.x, scaled, scale, advance=True)
         return state.x
 
     def timed_sample(self, noise: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, float]:

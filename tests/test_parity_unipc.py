@@ -143,3 +143,30 @@ def test_unipc_configs_diffusers_turns_to_nan(config, match):
             pass
     with pytest.raises(ValueError, match=match):
         plan_from_scheduler(UniPCMultistepScheduler(**config), 8)
+
+
+@pytest.mark.parametrize("begin", [1, 3, 6])
+@pytest.mark.parametrize("config", [dict(solver_order=2), dict(solver_order=3, disable_corrector=[4]),
+                                    dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min")])
+def test_unipc_begin_restarts_like_set_begin_index(config, begin):
+    """Step option ``begin``: the plan of a loop started at that index (img2img), where diffusers' UniPC starts its
+    warm-up afresh and runs no corrector first; every step <= 1e-5 of diffusers' with set_begin_index."""
+    steps = 8
+    scheduler = UniPCMultistepScheduler(**SD, **config)
+    scheduler.set_timesteps(steps)
+    scheduler.set_begin_index(begin)
+    start = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(begin))
+    x, expected = start.clone(), []
+    for t in scheduler.timesteps[begin:]:
+        x = scheduler.step(toy_fn(x, t, None), t, x).prev_sample
+        expected.append(x)
+    plan = plan_from_scheduler(UniPCMultistepScheduler(**SD, **config), steps, begin=begin)
+    assert plan.timesteps().tolist() == scheduler.timesteps[begin:].float().tolist()
+    sampler = Sampler.from_plan(Denoiser(ToyModel(), NoiseSchedule.from_config(SD), sample_shape=(3, 8, 8)), plan)
+    state = sampler.start(start)
+    for i in range(sampler.steps):
+        x_in, t = sampler.model_inputs(state)
+        sampler.step(state, sampler.denoiser(x_in, t, None))
+        assert rel_err(state.x, expected[i]) <= 1e-5, f"step {begin + i}"
+    with pytest.raises(ValueError, match="begin must index one of the 8 steps"):
+        plan_from_scheduler(UniPCMultistepScheduler(**SD, **config), steps, begin=steps)

@@ -236,23 +236,26 @@ def test_sd_config_keys_survive_a_round_of_swaps():
 
 @pytest.mark.parametrize("strength", [0.25, 0.5, 0.75, 1.0])
 @pytest.mark.parametrize("name", ["PNDMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
-                                  "LCMScheduler", "DPMSolverMultistepScheduler", "DEISMultistepScheduler"])
+                                  "LCMScheduler", "DPMSolverMultistepScheduler", "DEISMultistepScheduler",
+                                  "UniPCMultistepScheduler", "LMSDiscreteScheduler"])
 def test_img2img_starts_where_the_strength_says(name, strength):
     """img2img slices the timesteps: with set_begin_index (Euler, Heun, LCM) or without it (DDIM), the plan starts
-    at that row; PNDM's, DPM-Solver's and DEIS's plans restart their multistep warm-up there, as diffusers does."""
+    at that row; PNDM's, DPM-Solver's, DEIS's, UniPC's and LMS's plans restart their multistep warm-up there, as
+    diffusers does (fused: no fallback)."""
     pipe, kwargs = FAMILIES["sd15-img2img"]()
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
     kwargs.update(strength=strength, guidance_scale=3.0)
-    check_accelerated(pipe, kwargs)
+    check_accelerated(pipe, kwargs)  # asserts that the fused step ran
 
 
-@pytest.mark.parametrize("name", ["UniPCMultistepScheduler"])
+@pytest.mark.parametrize("name", ["DPMSolverSinglestepScheduler"])
 def test_img2img_with_a_multistep_solver_runs_diffusers_step_exactly(name):
-    """diffusers restarts a multistep solver's history where img2img starts; UniPC's plan does not (yet): that
-    call runs diffusers' own step, says so, and the output is the pipeline's."""
+    """diffusers restarts a multistep solver's history where img2img starts; DPM-Solver singlestep's plan does not
+    (yet) where the start falls inside an order group: that call runs diffusers' own step, says so, and the output
+    is the pipeline's."""
     pipe, kwargs = FAMILIES["sd15-img2img"]()
     pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
-    kwargs.update(strength=0.5, guidance_scale=3.0)
+    kwargs.update(strength=0.8, guidance_scale=3.0)
     reference = _run(pipe, kwargs)
     accelerate(pipe)
     fast = _run(pipe, kwargs)

@@ -1,6 +1,9 @@
 """The Sampler's step API and preset solvers behave as sample() does."""
+import collections
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffrt.runtime import Denoiser, NoiseSchedule, Sampler
 from diffrt.runtime.solvers import PRESETS
@@ -60,3 +63,42 @@ def test_generator_list_draws_per_sample():
     assert torch.equal(both[:1], first)
     with pytest.raises(ValueError, match="3 generators for a batch of 2"):
         sampler.sample(noise, generator=[torch.Generator()] * 3)
+
+
+class _OpLog(TorchDispatchMode):
+    """Counts the aten ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("solver", ["heun", "euler", "ddim", "dpmpp-2m-sde"])
+@pytest.mark.parametrize("guided", [False, True])
+def test_a_cpu_step_is_the_model_and_one_kernel_call(solver, guided):
+    """With the C++ step, the loop runs no torch op of its own per step: the input scaling (c_in x) and the CFG batch
+    [x; x] are written by the step kernel, the step index advances inside it. Counted as the aten ops of a whole
+    sample at two step counts: only the model's, CFG's split of its output and the noise drawn up front grow with the
+    steps."""
+    prediction = torch.randn(4, 3, 8, 8)
+    den = Denoiser(lambda x, t, cond=None: prediction[: x.shape[0]] * 1.0, NoiseSchedule.linear(), sample_shape=(3, 8, 8))
+    noise = torch.randn(2, 3, 8, 8)
+    conditions = {"cond": torch.zeros(2, 5), "uncond": torch.ones(2, 5)} if guided else {}
+    counts = {}
+    for steps in (4, 8):
+        sampler = Sampler(den, solver, steps, guidance_scale=2.0 if guided else None, backend="cpu")
+        sampler.sample(noise, check=False, generator=torch.Generator().manual_seed(0), **conditions)  # prepared
+        with _OpLog() as log:
+            sampler.sample(noise, check=False, generator=torch.Generator().manual_seed(0), **conditions)
+        evaluations = sampler.steps
+        model_ops = {"aten.slice.Tensor": evaluations, "aten.mul.Tensor": evaluations}  # the model's own
+        if guided:
+            model_ops["aten.split.Tensor"] = evaluations  # the CFG halves of the model output (views)
+        draws = sampler.plan.n_noise  # a stochastic solver's step noise, drawn in start(), one draw per row
+        log.ops.subtract({**model_ops, "aten.select.int": draws, "aten.normal_.default": draws})
+        counts[steps] = {op: n for op, n in log.ops.items() if n}
+    assert counts[4] == counts[8], f"per-step ops outside the model: {counts}"

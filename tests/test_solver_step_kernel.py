@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 
-from diffrt.kernels import BackendUnavailable, registry, solver_step, solver_step_reference
+from diffrt.kernels import BackendUnavailable, PreparedStep, registry, solver_step, solver_step_reference
 from diffrt.kernels.solver_step import table_width
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -315,3 +315,50 @@ def test_cuda_step_needs_no_host_sync():
     bad = replace(case, step=torch.tensor(STEPS, device="cuda"))
     solver_step(*bad.args(), out=out, backend="cuda")
     assert torch.isnan(out).all()  # a step outside the table cannot raise on the device
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("copies", [1, 2])
+def test_prepared_step_writes_the_next_input_and_advances(backend, dtype, copies):
+    """PreparedStep(..., scaled, scale, advance=True): the step as solver_step gives it, ``scaled`` holding
+    ``copies`` copies of out * scale rounded as that torch op rounds, and the step index one further; also when
+    the model output is the input buffer itself (cond aliases scaled) and through the unprepared fallback."""
+    device = device_of(backend)
+    gen = torch.Generator().manual_seed(copies * 10 + DTYPES.index(dtype))
+    shape = (2, 3, 5, 7)
+    for uncond, slots, n_out, n_noise in CONFIGS[:3]:
+        case = make_case(shape, dtype, dtype, uncond, slots, n_out, n_noise, gen, step=1)
+        scale = float(torch.rand((), generator=gen)) + 0.25
+        expected_out, expected_hist = run(case, "reference")
+        expected_scaled = torch.cat([expected_out * scale] * copies)
+        for cond_is_input in (False, True):
+            c = case.to(device).clone()
+            scaled = torch.full((copies * shape[0], *shape[1:]), math.nan, dtype=dtype, device=device)
+            if cond_is_input:  # the model returned its input: the buffer the step rewrites
+                scaled[: shape[0]].copy_(c.cond)
+                c.cond = scaled[: shape[0]]
+            prepared = PreparedStep(*c.args(), c.x, backend=backend)
+            out = prepared(c.x, c.cond, c.uncond, c.x, scaled, scale, advance=True)
+            assert out is c.x and int(c.step) == 2
+            assert_bitwise(out.cpu(), expected_out)
+            assert_bitwise(scaled.cpu(), expected_scaled)
+            if expected_hist is not None:
+                assert_bitwise(c.history.cpu(), expected_hist)
+        # a layout the step was not prepared for (non-contiguous cond) runs the checked path, same results
+        c = case.to(device).clone()
+        prepared = PreparedStep(*c.args(), c.x, backend=backend)
+        cond = c.cond.transpose(-1, -2).contiguous().transpose(-1, -2)
+        scaled = torch.full((copies * shape[0], *shape[1:]), math.nan, dtype=dtype, device=device)
+        prepared(c.x, cond, c.uncond, c.x, scaled, scale, advance=True)
+        assert int(c.step) == 2
+        assert_bitwise(c.x.cpu(), expected_out)
+        assert_bitwise(scaled.cpu(), expected_scaled)
+
+
+def test_prepared_step_refuses_a_scaled_buffer_of_partial_copies():
+    case = _base_case()
+    prepared = PreparedStep(*case.args(), case.x.clone(), backend="cpu")
+    bad = torch.empty(case.x.numel() + 1, dtype=case.x.dtype)
+    with pytest.raises(ValueError, match="it must hold whole copies of x"):
+        prepared(case.x, case.cond, case.uncond, case.x.clone(), bad, 2.0)

@@ -34,7 +34,7 @@ except ImportError:  # the Lagrange integrals are then computed exactly (lagrang
 NAME = "LMSDiscreteScheduler"
 OPTIONS = VP_OPTIONS + ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "timestep_spacing",
                         "steps_offset")
-LMS_STEP_OPTIONS = ("order",)
+LMS_STEP_OPTIONS = ("order",)  # diffusers' step() keyword; ``begin`` is diffrt's (img2img)
 STEP_OPTIONS[NAME] = LMS_STEP_OPTIONS
 
 
@@ -86,21 +86,28 @@ def check_order(order) -> int:
 
 @register(NAME, OPTIONS, presets={"lms": {}})
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
-    """Plan of diffusers' LMSDiscreteScheduler; step option ``order`` (default 4)."""
-    check_step_options(step_options, LMS_STEP_OPTIONS, NAME)
+    """Plan of diffusers' LMSDiscreteScheduler; step options ``order`` (default 4) and ``begin`` (diffrt's: the
+    loop starts at that index of the timesteps, img2img's ``set_begin_index``; diffusers' slope list starts empty
+    there, so step i uses the first min(q, i - begin + 1) of its order-q coefficients; the plan's rows are the
+    steps from ``begin`` on)."""
+    check_step_options(step_options, (*LMS_STEP_OPTIONS, "begin"), NAME)
     order = check_order(step_options.get("order", 4))
+    begin = int(step_options.get("begin", 0))
     grid_config = {k: config[k] for k in ("timestep_spacing", "steps_offset", "use_karras_sigmas",
                                           "use_exponential_sigmas", "use_beta_sigmas") if k in config}
     if config.get("use_exponential_sigmas", False):
         grid_config.update(foreign_sigma_range(schedule))
     timesteps, sigmas = vp_sigma_grid(schedule, grid_config, steps, NAME)
     check_first_timestep(timesteps, NAME)
+    if not 0 <= begin < len(timesteps):
+        raise ValueError(f"{NAME}: begin must index one of the {len(timesteps)} steps, got {begin}")
     ring = max(order - 1, 1)
     rows = []
-    for i, t in enumerate(timesteps):
+    for i in range(begin, len(timesteps)):
+        t = timesteps[i]
         x0_x, x0_m = x0_coefs(schedule.prediction_type, sigmas[i], NAME)
         d_i = slope(x0_x, x0_m, float(sigmas[i]))
-        coefficients = lms_coefficients(sigmas, min(i + 1, order), i)
+        coefficients = lms_coefficients(sigmas, min(i + 1, order), i)[: i - begin + 1]
         out = Combo(x=1.0).plus(d_i, coefficients[0])
         for j, c in enumerate(coefficients[1:], start=1):
             out = out.plus(Combo(hist={(i - j) % ring: 1.0}), c)

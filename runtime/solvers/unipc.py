@@ -41,7 +41,7 @@ import torch
 
 from ..schedule import NoiseSchedule
 from .registry import VP_OPTIONS, register
-from .common import check_first_timestep, check_unsupported, noise_prediction, vp_schedule
+from .common import check_first_timestep, check_step_options, check_unsupported, noise_prediction, vp_schedule
 from .multistep import alpha_sigma_lambda
 from .plan import Combo, SolverPlan, StepRow
 from .sigmas import data_prediction, karras_sigmas, multistep_timesteps, sigma_to_t, ve_sigmas, zero_snr_alphas_cumprod
@@ -253,10 +253,13 @@ def _solver_type(config: dict) -> bool:
 
 @register(NAME, OPTIONS, presets={"unipc": {"solver_type": "bh2", "solver_order": 2}})
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
-    """Plan of diffusers' UniPCMultistepScheduler (no step-time options)."""
+    """Plan of diffusers' UniPCMultistepScheduler. Step option ``begin`` (diffrt's): the loop starts at that index
+    of the scheduler's timesteps (img2img's ``set_begin_index``), where diffusers' UniPC starts afresh: no
+    corrector at the first step (no last sample), the warm-up orders counted from there. The plan's rows are the
+    steps from ``begin`` on."""
     check_unsupported(config, UNSUPPORTED, NAME)
-    if step_options:
-        raise NotImplementedError(f"{NAME}: step options {sorted(step_options)} are not reproduced")
+    check_step_options(step_options, ("begin",), NAME)
+    begin = int(step_options.get("begin", 0))
     if config.get("prediction_type") == "flow_prediction":
         raise NotImplementedError(f"{NAME}: prediction_type='flow_prediction' is not reproduced")
     ptype = vp_schedule(schedule, NAME)
@@ -270,10 +273,15 @@ def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict)
         alphas_cumprod = zero_snr_alphas_cumprod(alphas_cumprod)
     timesteps, sigmas = unipc_grid(alphas_cumprod, config, steps)
     check_first_timestep(timesteps, NAME)
+    if not 0 <= begin < len(timesteps):
+        raise ValueError(f"{NAME}: begin must index one of the {len(timesteps)} steps, got {begin}")
+    # from ``begin`` on, the solver's state restarts: the plan of the remaining grid, with the same orders
+    # (lower_order_final counts the steps left, the warm-up the steps done since begin)
+    timesteps, sigmas = timesteps[begin:], sigmas[begin:]
     n = len(timesteps)
     orders = unipc_orders(n, config.get("solver_order", 2), bool(config.get("lower_order_final", True)))
     _check_finite_config(orders, float(sigmas[-1]) == 0.0, predict_x0, bh1)
-    disabled = {int(k) for k in (config.get("disable_corrector") or [])}
+    disabled = {int(k) - begin for k in (config.get("disable_corrector") or [])}
     corrected = [i > 0 and i - 1 not in disabled for i in range(n)]
     levels = torch.from_numpy(sigmas)
     coefs = []
