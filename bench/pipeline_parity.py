@@ -55,7 +55,8 @@ README_START, README_END = "<!-- pipeline-parity:start -->", "<!-- pipeline-pari
 
 def _run(pipe, kwargs: dict[str, Any], seed: int, latents: torch.Tensor | None = None):
     extra = {} if latents is None else {"latents": latents}
-    return torch.as_tensor(pipe(**kwargs, **extra, generator=torch.Generator().manual_seed(seed)).images)
+    out = pipe(**kwargs, **extra, generator=torch.Generator().manual_seed(seed))
+    return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)  # video pipelines return frames
 
 
 def _sensitivity(pipe, kwargs: dict[str, Any], seed: int, reference: torch.Tensor) -> float | None:

@@ -169,10 +169,39 @@ def build_flux(dev: bool = False):
     return _finish(pipe), kwargs
 
 
+def build_ltx():
+    """LTXPipeline (LTX-Video): packed video tokens [B, F*H*W, C], 3-D RoPE, a padded text attention mask, CFG;
+    FlowMatch Euler with LTX-Video's config (dynamic exponential shift on the video token count, terminal shift 0.1)."""
+    from diffusers import (AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline,
+                           LTXVideoTransformer3DModel)
+
+    torch.manual_seed(0)
+    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
+                                             num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+                                             num_layers=2, caption_channels=24).eval()
+    torch.manual_seed(7)
+    vae = AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8,) * 4,
+                                decoder_block_out_channels=(8,) * 4, layers_per_block=(1,) * 5,
+                                decoder_layers_per_block=(1,) * 5, spatio_temporal_scaling=(True, True, False, False),
+                                decoder_spatio_temporal_scaling=(True, True, False, False),
+                                decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
+                                upsample_factor=(1,) * 4, patch_size=1, patch_size_t=1).eval()  # 4x space, 4x time
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+    mask = torch.zeros(1, 12, dtype=torch.long)
+    mask[:, :7] = 1  # 7 real tokens, 5 padding
+    kwargs = {"prompt_embeds": _embeds(1, 1, 12, 24), "negative_prompt_embeds": _embeds(2, 1, 12, 24),
+              "prompt_attention_mask": mask, "negative_prompt_attention_mask": mask.clone(),
+              "num_inference_steps": 3, "guidance_scale": 3.0, "height": 32, "width": 32, "num_frames": 9,
+              "output_type": "latent"}
+    return _finish(pipe), kwargs
+
+
 FAMILIES = {"sd15": build_sd15, "sd15-img2img": lambda: build_sd15(img2img=True), "sd-turbo": build_sd_turbo,
             "sdxl": build_sdxl, "lcm": build_lcm, "pixart-alpha": build_pixart,
             "pixart-sigma": lambda: build_pixart(sigma=True), "dit": build_dit, "sd3": build_sd3,
-            "flux-schnell": build_flux, "flux-dev": lambda: build_flux(dev=True)}
+            "flux-schnell": build_flux, "flux-dev": lambda: build_flux(dev=True), "ltx-video": build_ltx}
 
 
 def relative_error(a, b) -> float:

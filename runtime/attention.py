@@ -2,8 +2,8 @@
 
 :func:`install` puts a :class:`DiffrtProcessor` (or :class:`DiffrtFluxProcessor`) on every
 attention module of a diffusers model (``Attention``: UNet2DModel, UNet2DConditionModel,
-DiT / Transformer2D / PixArt blocks; ``FluxAttention``: Flux-style joint blocks) and on the
-attention of :class:`~diffrt.runtime.models.dit.DigitsDiT`. The processors keep the module's
+DiT / Transformer2D / PixArt blocks; ``FluxAttention``: Flux-style joint blocks; ``LTXAttention``:
+LTX-Video) and on the attention of :class:`~diffrt.runtime.models.dit.DigitsDiT`. The processors keep the module's
 original processor and **dispatch**: while an :class:`~diffrt.runtime.optimize.OptimizedDenoiser`
 call is running (it sets the call context's ``attention`` switch, :mod:`diffrt.runtime.context`, to its
 :class:`AttentionSettings` and the sample's H x W),
@@ -340,6 +340,35 @@ class DiffrtJointProcessor:
         return image, (text if attn.context_pre_only else attn.to_add_out(text))
 
 
+class DiffrtLTXProcessor:
+    """diffusers ``LTXVideoAttnProcessor`` (LTX-Video's ``LTXAttention``), attention by diffrt: q/k RMSNorm across
+    heads, LTX's interleaved RoPE on the video self-attention. The text cross-attention carries the prompt's
+    attention mask, so it runs the original processor (logged once per layer)."""
+
+    def __init__(self, original: Any, layer: Layer):
+        self.original = original
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None):
+        active = context.current().attention
+        if active is None or attention_mask is not None:
+            if active is not None:
+                _log_fallback(self.layer, "an attention mask")
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        from diffusers.models.transformers.transformer_ltx import apply_rotary_emb  # noqa: PLC0415
+
+        self_attention = encoder_hidden_states is None
+        states = hidden_states if self_attention else encoder_hidden_states
+        query, key, value = attn.norm_q(attn.to_q(hidden_states)), attn.norm_k(attn.to_k(states)), attn.to_v(states)
+        if image_rotary_emb is not None:
+            query, key = apply_rotary_emb(query, image_rotary_emb), apply_rotary_emb(key, image_rotary_emb)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        grid_level = token_grid(active[1], query.shape[1], self.layer.finest_scale) if self_attention else None
+        out = _fused(self.layer, active[0], query, key, value, grid_level, self_attention)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
+
+
 class DiTProcessor:
     """Processor of a model's own attention modules (:meth:`DigitsDiT.qkv_attention_layers
     <diffrt.runtime.models.dit.DigitsDiT.qkv_attention_layers>`): ``processor(module, q, k, v)`` with
@@ -356,7 +385,7 @@ class DiTProcessor:
         return _fused(self.layer, active[0], q, k, v, grid_level, True)
 
 
-DIFFUSERS_PROCESSORS = (DiffrtProcessor, DiffrtFluxProcessor, DiffrtJointProcessor)
+DIFFUSERS_PROCESSORS = (DiffrtProcessor, DiffrtFluxProcessor, DiffrtJointProcessor, DiffrtLTXProcessor)
 
 
 def _original(processor: Any) -> Any:
@@ -388,6 +417,10 @@ def install(model: torch.nn.Module) -> list[Layer]:
         from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor  # noqa: PLC0415
     except ImportError:
         FluxAttention = FluxAttnProcessor = ()  # noqa: N806 - an older diffusers without Flux
+    try:
+        from diffusers.models.transformers.transformer_ltx import LTXAttention, LTXVideoAttnProcessor  # noqa: PLC0415
+    except ImportError:
+        LTXAttention = LTXVideoAttnProcessor = ()  # noqa: N806 - an older diffusers without LTX-Video
     patch = getattr(getattr(model, "config", {}), "get", lambda *_: None)("patch_size") or 1
     for name, module in model.named_modules():
         if isinstance(module, Attention) and type(_original(module.processor)) is JointAttnProcessor2_0:
@@ -403,6 +436,11 @@ def install(model: torch.nn.Module) -> list[Layer]:
             original, supported, kind = _original(module.processor), (FluxAttnProcessor,), (
                 "joint" if module.added_kv_proj_dim is not None else "self")
             processor_cls = DiffrtFluxProcessor
+            head_dim = module.head_dim
+        elif LTXAttention and isinstance(module, LTXAttention):
+            original, supported, kind = _original(module.processor), (LTXVideoAttnProcessor,), (
+                "self" if name.rsplit(".", 1)[-1] == "attn1" else "cross")
+            processor_cls = DiffrtLTXProcessor
             head_dim = module.head_dim
         else:
             continue

@@ -82,6 +82,10 @@ class FusedScheduler:
             self.__dict__["set_begin_index"] = _with_signature(self._set_begin_index,
                                                                _signature(scheduler, "set_begin_index"))
 
+    @property
+    def __class__(self):  # noqa: D105 - isinstance(pipe.scheduler, X) is X's answer (pipelines branch on it)
+        return type(self.__dict__["_scheduler"])
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.__dict__["_scheduler"], name)
 
@@ -329,7 +333,7 @@ def _device_tables(plan: SolverPlan, device: torch.device) -> tuple[torch.Tensor
 # multistep schedulers whose plans take the step option ``begin``: a loop started mid-list (img2img) restarts the
 # solver's warm-up there, as diffusers does
 RESTARTING = ("PNDMScheduler", "DPMSolverMultistepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
-              "LMSDiscreteScheduler")
+              "LMSDiscreteScheduler", "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler")
 
 
 def _starts_fresh(plan: SolverPlan, begin: int) -> bool:

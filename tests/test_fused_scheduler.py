@@ -80,3 +80,26 @@ def test_a_scheduler_without_a_plan_runs_its_own_step(caplog, monkeypatch):
     real.set_timesteps(4)
     t = real.timesteps[-1]
     assert torch.equal(fused.step(m, t, x).prev_sample, real.step(m, t, x).prev_sample)
+
+
+def test_isinstance_answers_for_the_wrapped_scheduler_and_a_foreign_step_signature_falls_back():
+    """Pipelines branch on isinstance(self.scheduler, X) (CogVideoX-5b calls CogVideoXDPMScheduler.step with its own
+    five positional arguments): the stand-in answers as the scheduler it wraps, and a class diffrt has no plan for
+    runs diffusers' own step with the arguments as given (the same outputs as the scheduler alone)."""
+    make = lambda: diffusers.CogVideoXDPMScheduler(snr_shift_scale=1.0, timestep_spacing="trailing")  # noqa: E731
+    fused, plain = FusedScheduler(make()), make()
+    assert isinstance(fused, diffusers.CogVideoXDPMScheduler) and isinstance(fused, FusedScheduler)
+    assert not isinstance(FusedScheduler(diffusers.DDIMScheduler()), diffusers.CogVideoXDPMScheduler)
+    outputs = []
+    for scheduler in (fused, plain):
+        scheduler.set_timesteps(4)
+        x = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+        old, previous_t = None, None
+        for t in scheduler.timesteps:
+            model = toy_fn(x, t, torch.arange(1))
+            x, old = scheduler.step(model, old, t, previous_t, x, generator=torch.Generator().manual_seed(3),
+                                    return_dict=False)
+            previous_t = t
+        outputs.append(x)
+    assert "CogVideoXDPMScheduler is not supported" in fused.fallback
+    assert torch.equal(outputs[0], outputs[1])

@@ -177,12 +177,13 @@ def dpm_algorithm(config: dict) -> tuple[str, str]:
     return dpm_variant(config, ALGORITHMS, DPM_NAME)
 
 
-def dpm_orders(config: dict, n: int, algorithm: str) -> list[int]:
-    """Order of each step (diffusers' rule); sde-dpmsolver++ has no third-order step (diffusers fails on one)."""
+def dpm_orders(config: dict, n: int, algorithm: str, begin: int = 0) -> list[int]:
+    """Order of each step from ``begin`` on (diffusers' rule, the warm-up restarted at ``begin``); sde-dpmsolver++
+    has no third-order step (diffusers fails on one)."""
     small = bool(config.get("lower_order_final", True)) and n < 15
     last_first = bool(config.get("euler_at_final", False)) or small or config.get("final_sigmas_type", "zero") == "zero"
     solver_order = config.get("solver_order", 2)
-    orders = multistep_orders(n, solver_order, last_first, small)
+    orders = multistep_orders(n, solver_order, last_first, small, begin)
     if algorithm == "sde-dpmsolver++" and max(orders) == 3:
         raise NotImplementedError(f"{DPM_NAME}: algorithm_type='sde-dpmsolver++' with solver_order={solver_order} "
                                   "takes a third-order step, which diffusers does not implement for it")
@@ -206,21 +207,23 @@ def check_finite(coefficients: list[Coefficients], orders: list[int], levels: to
     "edm-dpmpp-2m-sde": {"algorithm_type": "sde-dpmsolver++", "solver_order": 2},
 })
 def build_edm_dpm(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
-    """Plan of EDMDPMSolverMultistepScheduler (no step-time options)."""
-    check_step_options(step_options, (), DPM_NAME)
+    """Plan of EDMDPMSolverMultistepScheduler. Step option ``begin`` (diffrt's): as DPM-Solver's (img2img), the
+    warm-up restarts at that index of the timesteps; the plan's rows are the steps from there on."""
+    check_step_options(step_options, ("begin",), DPM_NAME)
+    begin = int(step_options.get("begin", 0))
     algorithm, solver_type = dpm_algorithm(config)
     ptype = prediction_type(schedule, config, DPM_NAME)
     sigma_data = config.get("sigma_data", 0.5)
     levels = with_final_sigma(edm_sigmas(config, steps, torch.float32, DPM_NAME), config, DPM_NAME)
     timesteps = checked_timesteps(levels, DPM_NAME)
-    orders = dpm_orders(config, steps, algorithm)
-    predictions = [output_scales(levels[i], sigma_data, ptype) for i in range(steps)]
+    orders = dpm_orders(config, steps, algorithm, begin)
+    predictions = [output_scales(levels[i], sigma_data, ptype) for i in range(begin, steps)]
     coefficients = [dpm_coefficients(algorithm, solver_type, order, [levels[i - k] for k in range(-1, order)])
-                    for i, order in enumerate(orders)]
-    check_finite(coefficients, orders, levels)
+                    for i, order in enumerate(orders, start=begin)]
+    check_finite(coefficients, orders, levels[begin:])
     sde = algorithm == "sde-dpmsolver++"
-    rows, n_slots = ring_rows(timesteps, predictions, coefficients, noise=sde)
-    for i, row in enumerate(rows):
+    rows, n_slots = ring_rows(timesteps[begin:], predictions, coefficients, noise=sde)
+    for i, row in enumerate(rows, start=begin):
         row.c_in = model_inputs(levels[i], sigma_data)[1]
     return SolverPlan("edm-dpm-solver", rows, n_slots, init_noise_sigma=init_noise_sigma(config),
                       noise_dtype=torch.float32 if sde else None,

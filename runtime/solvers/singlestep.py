@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from ..schedule import NoiseSchedule
-from .common import check_first_timestep, check_unsupported, noise_prediction, vp_schedule
+from .common import check_first_timestep, check_step_options, check_unsupported, noise_prediction, vp_schedule
 from .dpm import dpm_coefficients
 from .multistep import Coefficients, alpha_sigma_lambda, dpm_variant
 from .plan import Combo, SolverPlan, StepRow
@@ -213,8 +213,7 @@ def _check_refused(config: dict, step_options: dict) -> None:
     if config.get("variance_type") in LEARNED_VARIANCE:
         raise NotImplementedError(f"{NAME}: option variance_type={config['variance_type']!r} is not reproduced by "
                                   "diffrt (give the Denoiser a call that returns the predicted mean only)")
-    if step_options:
-        raise NotImplementedError(f"{NAME}: step options {sorted(step_options)} are not reproduced")
+    check_step_options(step_options, ("begin",), NAME)
 
 
 @register(NAME, OPTIONS, presets={
@@ -222,8 +221,12 @@ def _check_refused(config: dict, step_options: dict) -> None:
     "dpmpp-3s": {"algorithm_type": "dpmsolver++", "solver_order": 3},
 })
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
-    """Plan of diffusers' DPMSolverSinglestepScheduler (no step-time options)."""
+    """Plan of diffusers' DPMSolverSinglestepScheduler. Step option ``begin`` (diffrt's): the loop starts at that
+    index of the timesteps (img2img's ``set_begin_index``), where diffusers' model outputs are still empty: row i
+    uses order min(order_list[i], i - begin + 1) (its ``while model_outputs[-order] is None``), so the first row
+    starts a block afresh. The plan's rows are the steps from ``begin`` on."""
     _check_refused(config, step_options)
+    begin = int(step_options.get("begin", 0))
     ptype = vp_schedule(schedule, NAME)
     algorithm, solver_type = _algorithm_options(config)
     timesteps, sigmas = singlestep_grid(schedule.alphas_cumprod, config, steps)
@@ -231,16 +234,19 @@ def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict)
     final_zero = config.get("final_sigmas_type", "zero") == "zero"
     listed = order_list(len(timesteps), config.get("solver_order", 2), bool(config.get("lower_order_final", False)),
                         final_zero)
-    orders = [min(order, i + 1) for i, order in enumerate(listed)]  # diffusers: while model_outputs[-order] is None
+    if not 0 <= begin < len(timesteps):
+        raise ValueError(f"{NAME}: begin must index one of the {len(timesteps)} steps, got {begin}")
+    # diffusers: while model_outputs[-order] is None, order -= 1 (its outputs start empty at begin)
+    orders = [min(listed[i], i - begin + 1) for i in range(begin, len(timesteps))]
     levels = torch.from_numpy(sigmas)
     predict = data_prediction if algorithm.endswith("++") else noise_prediction
     predictions, coefficients = [], []
-    for i, order in enumerate(orders):
+    for i, order in enumerate(orders, start=begin):
         alpha, sigma, _ = alpha_sigma_lambda(levels[i])
         predictions.append(predict(ptype, alpha.item(), sigma.item()))
         coefficients.append(singlestep_coefficients(algorithm, solver_type, order,
                                                     [levels[i + 1]] + [levels[i - k] for k in range(order)]))
     sde = algorithm == "sde-dpmsolver++"
-    rows, n_slots = singlestep_rows(timesteps, predictions, orders, coefficients, noise=sde)
+    rows, n_slots = singlestep_rows(timesteps[begin:], predictions, orders, coefficients, noise=sde)
     return SolverPlan("dpm-solver-singlestep", rows, n_slots, init_noise_sigma=1.0,
                       options={"algorithm_type": algorithm, "solver_type": solver_type, "orders": orders})
