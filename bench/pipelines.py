@@ -198,10 +198,40 @@ def build_ltx():
     return _finish(pipe), kwargs
 
 
+# Wan2.1-T2V's scheduler config (WanPipeline's docs: flow_shift 3.0 for 480p, 5.0 for 720p)
+WAN_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                "solver_order": 2, "prediction_type": "flow_prediction", "predict_x0": True, "solver_type": "bh2",
+                "lower_order_final": True, "use_flow_sigmas": True, "flow_shift": 3.0, "timestep_spacing": "linspace",
+                "final_sigmas_type": "zero"}
+
+
+def build_wan():
+    """WanPipeline (Wan 2.1 text-to-video): a WanTransformer3DModel (3-D patches, Wan's RoPE, q/k RMSNorm across
+    heads), AutoencoderKLWan (4x time, 8x space), UniPC on flow sigmas (Wan's config: flow_prediction, flow_shift 3),
+    CFG with negative prompt embeddings."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=16, out_channels=16, text_dim=24, freq_dim=32, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32).eval()
+    torch.manual_seed(7)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                       scheduler=UniPCMultistepScheduler(**WAN_SCHEDULE))
+    kwargs = {"prompt_embeds": _embeds(1, 1, 12, 24), "negative_prompt_embeds": _embeds(2, 1, 12, 24),
+              "num_inference_steps": 4, "guidance_scale": 5.0, "height": 32, "width": 32, "num_frames": 9,
+              "output_type": "latent"}
+    return _finish(pipe), kwargs
+
+
 FAMILIES = {"sd15": build_sd15, "sd15-img2img": lambda: build_sd15(img2img=True), "sd-turbo": build_sd_turbo,
             "sdxl": build_sdxl, "lcm": build_lcm, "pixart-alpha": build_pixart,
             "pixart-sigma": lambda: build_pixart(sigma=True), "dit": build_dit, "sd3": build_sd3,
-            "flux-schnell": build_flux, "flux-dev": lambda: build_flux(dev=True), "ltx-video": build_ltx}
+            "flux-schnell": build_flux, "flux-dev": lambda: build_flux(dev=True), "ltx-video": build_ltx,
+            "wan": build_wan}
 
 
 def relative_error(a, b) -> float:

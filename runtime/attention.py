@@ -3,7 +3,7 @@
 :func:`install` puts a :class:`DiffrtProcessor` (or :class:`DiffrtFluxProcessor`) on every
 attention module of a diffusers model (``Attention``: UNet2DModel, UNet2DConditionModel,
 DiT / Transformer2D / PixArt blocks; ``FluxAttention``: Flux-style joint blocks; ``LTXAttention``:
-LTX-Video) and on the attention of :class:`~diffrt.runtime.models.dit.DigitsDiT`. The processors keep the module's
+LTX-Video; ``WanAttention``: Wan 2.1 / 2.2) and on the attention of :class:`~diffrt.runtime.models.dit.DigitsDiT`. The processors keep the module's
 original processor and **dispatch**: while an :class:`~diffrt.runtime.optimize.OptimizedDenoiser`
 call is running (it sets the call context's ``attention`` switch, :mod:`diffrt.runtime.context`, to its
 :class:`AttentionSettings` and the sample's H x W),
@@ -369,6 +369,58 @@ class DiffrtLTXProcessor:
         return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).to(query.dtype)))
 
 
+def _wan_rotary(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's RoPE on [B, L, H, D] (WanAttnProcessor's inner ``apply_rotary_emb``, which diffusers does not export):
+    interleaved pairs, float64 tables on CPU, the result in the input's dtype."""
+    x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = freqs_cos[..., 0::2], freqs_sin[..., 1::2]
+    out = torch.empty_like(hidden_states)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(hidden_states)
+
+
+def _frame_grid(sample_hw: tuple[int, int] | None, tokens: int, patch: int) -> tuple[tuple[int, int], int] | None:
+    """((h, w), 0) when a video model's ``tokens`` are one frame's patch grid (an image); None for several frames
+    (frames x grid is no 2-D token grid: ToDo and window masks do not apply) or an unknown sample size."""
+    if sample_hw is None:
+        return None
+    grid = (sample_hw[0] // patch, sample_hw[1] // patch)
+    return (grid, 0) if grid[0] * grid[1] == tokens else None
+
+
+class DiffrtWanProcessor:
+    """diffusers ``WanAttnProcessor`` (Wan 2.1 / 2.2's ``WanAttention``), attention by diffrt: q/k RMSNorm across
+    heads, Wan's interleaved RoPE on the video self-attention, the text cross-attention. Image-to-video
+    cross-attention (the added image keys / values) and attention masks run the original processor (logged once
+    per layer)."""
+
+    def __init__(self, original: Any, layer: Layer):
+        self.original = original
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, rotary_emb: Any = None, **kwargs):
+        active = context.current().attention
+        if active is None or attention_mask is not None or attn.add_k_proj is not None or kwargs:
+            if active is not None:
+                _log_fallback(self.layer, "an attention mask" if attention_mask is not None else
+                              "image-to-video's added image keys" if attn.add_k_proj is not None
+                              else f"extra arguments {sorted(kwargs)}")
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections  # noqa: PLC0415
+
+        self_attention = encoder_hidden_states is None
+        query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _wan_rotary(query, *rotary_emb), _wan_rotary(key, *rotary_emb)
+        grid_level = _frame_grid(active[1], query.shape[1], self.layer.finest_scale) if self_attention else None
+        out = _fused(self.layer, active[0], query, key, value, grid_level, self_attention)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2, 3).type_as(query)))
+
+
 class DiTProcessor:
     """Processor of a model's own attention modules (:meth:`DigitsDiT.qkv_attention_layers
     <diffrt.runtime.models.dit.DigitsDiT.qkv_attention_layers>`): ``processor(module, q, k, v)`` with
@@ -385,7 +437,8 @@ class DiTProcessor:
         return _fused(self.layer, active[0], q, k, v, grid_level, True)
 
 
-DIFFUSERS_PROCESSORS = (DiffrtProcessor, DiffrtFluxProcessor, DiffrtJointProcessor, DiffrtLTXProcessor)
+DIFFUSERS_PROCESSORS = (DiffrtProcessor, DiffrtFluxProcessor, DiffrtJointProcessor, DiffrtLTXProcessor,
+                        DiffrtWanProcessor)
 
 
 def _original(processor: Any) -> Any:
@@ -421,7 +474,13 @@ def install(model: torch.nn.Module) -> list[Layer]:
         from diffusers.models.transformers.transformer_ltx import LTXAttention, LTXVideoAttnProcessor  # noqa: PLC0415
     except ImportError:
         LTXAttention = LTXVideoAttnProcessor = ()  # noqa: N806 - an older diffusers without LTX-Video
+    try:
+        from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor  # noqa: PLC0415
+    except ImportError:
+        WanAttention = WanAttnProcessor = ()  # noqa: N806 - an older diffusers without Wan
     patch = getattr(getattr(model, "config", {}), "get", lambda *_: None)("patch_size") or 1
+    if isinstance(patch, (tuple, list)):  # (t, h, w) of a video model (Wan): the spatial patch
+        patch = patch[-1]
     for name, module in model.named_modules():
         if isinstance(module, Attention) and type(_original(module.processor)) is JointAttnProcessor2_0:
             original, supported, kind = _original(module.processor), (JointAttnProcessor2_0,), "joint"
@@ -442,6 +501,11 @@ def install(model: torch.nn.Module) -> list[Layer]:
                 "self" if name.rsplit(".", 1)[-1] == "attn1" else "cross")
             processor_cls = DiffrtLTXProcessor
             head_dim = module.head_dim
+        elif WanAttention and isinstance(module, WanAttention):
+            original, supported, kind = _original(module.processor), (WanAttnProcessor,), (
+                "cross" if module.is_cross_attention else "self")
+            processor_cls = DiffrtWanProcessor
+            head_dim = module.inner_dim // module.heads
         else:
             continue
         if type(original) not in supported:  # exactly these: a subclass may compute something else

@@ -1,4 +1,5 @@
 """UniPC (UniP + UniC, bh1/bh2, orders 1-3) against diffusers' UniPCMultistepScheduler, every step <= 1e-5."""
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, UniPCMultistepScheduler
@@ -170,3 +171,139 @@ def test_unipc_begin_restarts_like_set_begin_index(config, begin):
         assert rel_err(state.x, expected[i]) <= 1e-5, f"step {begin + i}"
     with pytest.raises(ValueError, match="begin must index one of the 8 steps"):
         plan_from_scheduler(UniPCMultistepScheduler(**SD, **config), steps, begin=steps)
+
+
+# --- flow sigmas (use_flow_sigmas + flow_prediction): Wan 2.1 / 2.2 ----------------------------------------------
+
+# Wan2.1-T2V's scheduler config (flow_shift 3.0 for 480p; WanPipeline's docs: 5.0 for 720p)
+WAN = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", solver_order=2,
+           prediction_type="flow_prediction", predict_x0=True, solver_type="bh2", lower_order_final=True,
+           use_flow_sigmas=True, flow_shift=3.0, timestep_spacing="linspace", final_sigmas_type="zero")
+
+
+@pytest.mark.parametrize("steps", [4, 10, 20])
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
+def test_unipc_flow_sigmas(shift, order, final, steps):
+    """Every step <= 1e-5 of diffusers' (the toy model's output is the velocity), and the plan's model timesteps
+    are the scheduler's int64 ones (int(s T), the first level lowered by 1e-6 from 1)."""
+    config = dict(WAN, flow_shift=shift, solver_order=order, final_sigmas_type=final)
+    scheduler = UniPCMultistepScheduler(**config)
+    scheduler.set_timesteps(steps)
+    assert plan_from_scheduler(UniPCMultistepScheduler(**config), steps).timesteps().tolist() == \
+        scheduler.timesteps.double().tolist()
+    check_parity(UniPCMultistepScheduler, config, steps)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 10])
+@pytest.mark.parametrize("extra", [dict(solver_type="bh1", final_sigmas_type="sigma_min"),
+                                   dict(solver_type="bh1", solver_order=3, final_sigmas_type="sigma_min"),
+                                   dict(lower_order_final=False, final_sigmas_type="sigma_min"),
+                                   dict(solver_order=3, disable_corrector=[2, 5]),
+                                   dict(timestep_spacing="trailing", steps_offset=1, rescale_betas_zero_snr=True)])
+def test_unipc_flow_solver_options(extra, steps):
+    """The solver's options on flow sigmas; the VP grid's (spacing, offset, zero SNR) change nothing there."""
+    check_parity(UniPCMultistepScheduler, dict(WAN, **extra), steps)
+
+
+@pytest.mark.parametrize("config,steps", [(WAN, 4), (dict(WAN, flow_shift=5.0, solver_order=3), 8)])
+def test_unipc_flow_unet_with_guidance(config, steps):
+    check_parity(UniPCMultistepScheduler, config, steps, model="unet", guidance_scale=5.0)
+
+
+def check_flow_grid_parity(config: dict, steps: int, grid: dict) -> list[float]:
+    """Our plan (``grid``: set_timesteps' sigmas / mu, as the stand-in passes them) against diffusers' loop after
+    set_timesteps(steps, **grid)."""
+    reference = UniPCMultistepScheduler(**config)
+    reference.set_timesteps = lambda n: UniPCMultistepScheduler.set_timesteps(reference, n, **grid)
+    noise, cond = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(2)
+    den = Denoiser(ToyModel(), NoiseSchedule.from_config(reference.config), sample_shape=(3, 8, 8))
+    sampler = Sampler.from_scheduler(den, UniPCMultistepScheduler(**config), steps, **grid)
+    ours = []
+    with torch.no_grad():
+        ref = diffusers_trajectory(reference, toy_fn, noise, steps, cond)
+        sampler.sample(noise, cond=cond, callback=lambda i, x: ours.append(x.clone()))
+    assert sampler.plan.timesteps().tolist() == reference.timesteps.double().tolist()
+    errors = [rel_err(a, b) for a, b in zip(ours, ref)]
+    assert len(ours) == len(ref) == steps and max(errors) <= 1e-5, errors
+    return errors
+
+
+@pytest.mark.parametrize("steps", [1, 4, 12])
+@pytest.mark.parametrize("config,grid", [
+    (dict(WAN, use_dynamic_shifting=True), dict(mu=0.8)),
+    (dict(WAN, use_dynamic_shifting=True, time_shift_type="linear", solver_order=3), dict(mu=1.6)),
+    (dict(WAN, shift_terminal=0.1, final_sigmas_type="sigma_min"), {}),
+    (dict(WAN, use_dynamic_shifting=True, shift_terminal=0.05), dict(mu=1.2)),
+    (WAN, dict(mu=3.0)),  # mu without use_dynamic_shifting: ignored, as diffusers ignores it
+    (dict(WAN, flow_shift=5.0), "custom"),
+    (dict(WAN, use_dynamic_shifting=True, solver_order=3), "custom-mu")])
+def test_unipc_flow_grid_options(config, grid, steps):
+    """Dynamic shifting (mu: exponential, linear), the shift_terminal stretch and custom sigmas (float64 and
+    float32 arrays: the grid keeps their dtype, as diffusers' does)."""
+    if steps == 1 and config.get("shift_terminal"):  # 1 - s_0 = 0: diffusers' stretch is 0 / 0
+        scheduler = UniPCMultistepScheduler(**config)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scheduler.set_timesteps(steps, **grid)
+        assert not torch.isfinite(scheduler.sigmas[:-1]).all()
+        with pytest.raises(ValueError, match="not finite"):
+            plan_from_scheduler(UniPCMultistepScheduler(**config), steps, **grid)
+    elif grid in ("custom", "custom-mu"):
+        for dtype in (np.float64, np.float32):
+            custom = dict(sigmas=np.linspace(1.0, 0.05, steps).astype(dtype))
+            check_flow_grid_parity(config, steps, {**custom, **({"mu": 0.9} if grid == "custom-mu" else {})})
+    else:
+        check_flow_grid_parity(config, steps, grid)
+
+
+@pytest.mark.parametrize("begin", [1, 3, 6])
+@pytest.mark.parametrize("config", [dict(WAN), dict(WAN, flow_shift=5.0, solver_order=3, disable_corrector=[4]),
+                                    dict(WAN, solver_order=2, lower_order_final=False, final_sigmas_type="sigma_min"),
+                                    dict(WAN, solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min")])
+def test_unipc_flow_begin_restarts_like_set_begin_index(config, begin):
+    """``begin`` on flow sigmas (img2img / video2video): diffusers' UniPC restarts its warm-up there, no corrector
+    first; every step <= 1e-5 of diffusers' with set_begin_index."""
+    steps = 8
+    scheduler = UniPCMultistepScheduler(**config)
+    scheduler.set_timesteps(steps)
+    scheduler.set_begin_index(begin)
+    start = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(begin))
+    x, expected = start.clone(), []
+    for t in scheduler.timesteps[begin:]:
+        x = scheduler.step(toy_fn(x, t, None), t, x).prev_sample
+        expected.append(x)
+    plan = plan_from_scheduler(UniPCMultistepScheduler(**config), steps, begin=begin)
+    assert plan.timesteps().tolist() == scheduler.timesteps[begin:].double().tolist()
+    sampler = Sampler.from_plan(Denoiser(ToyModel(), NoiseSchedule.from_config(config), sample_shape=(3, 8, 8)), plan)
+    state = sampler.start(start)
+    for i in range(sampler.steps):
+        x_in, t = sampler.model_inputs(state)
+        sampler.step(state, sampler.denoiser(x_in, t, None))
+        assert rel_err(state.x, expected[i]) <= 1e-5, f"step {begin + i}"
+    with pytest.raises(ValueError, match="begin must index one of the 8 steps"):
+        plan_from_scheduler(UniPCMultistepScheduler(**config), steps, begin=steps)
+
+
+@pytest.mark.parametrize("config,error,match", [
+    (dict(WAN, prediction_type="epsilon"), NotImplementedError, "use_flow_sigmas=True with prediction_type='epsilon'"),
+    (dict(WAN, prediction_type="v_prediction"), NotImplementedError, "use_flow_sigmas=True with prediction_type"),
+    (dict(WAN, predict_x0=False, final_sigmas_type="sigma_min"), NotImplementedError, "predict_x0=False"),
+    (dict(WAN, use_karras_sigmas=True), NotImplementedError, "use_karras_sigmas"),
+    (dict(WAN, use_dynamic_shifting=True), ValueError, "needs mu"),
+    (dict(WAN, solver_type="bh1"), ValueError, "bh1"),  # final sigma 0: NaN in diffusers' last step, as on VP
+    (dict(WAN, solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min"), ValueError, "non-finite"),
+    (dict(SD, use_dynamic_shifting=True), NotImplementedError, "use_dynamic_shifting"),
+    (dict(WAN, thresholding=True), NotImplementedError, "thresholding")])
+def test_unipc_flow_refused(config, error, match):
+    with pytest.raises(error, match=match):
+        plan_from_scheduler(UniPCMultistepScheduler(**config), 8)
+
+
+def test_unipc_flow_refuses_a_vp_denoiser_and_vp_refuses_flow_arguments():
+    with pytest.raises(ValueError, match="flow-matching denoiser"):
+        plan_from_scheduler(UniPCMultistepScheduler(**WAN), 8, schedule=NoiseSchedule.from_config(SD))
+    with pytest.raises(ValueError, match="custom sigmas need use_flow_sigmas"):
+        plan_from_scheduler(UniPCMultistepScheduler(**SD), 4, sigmas=np.linspace(1.0, 0.1, 4))
+    vp = plan_from_scheduler(UniPCMultistepScheduler(**SD), 6).tables(3.0)  # mu without dynamic shifting: ignored
+    assert all(torch.equal(a, b) for a, b in zip(vp, plan_from_scheduler(UniPCMultistepScheduler(**SD), 6, mu=1.0).tables(3.0)))

@@ -58,6 +58,29 @@ def test_family_default_scheduler(family, fused_attention_calls):
     check_accelerated(pipe, kwargs, fused_attention_calls, attention="torch")  # diffrt's processors, even on CPU
 
 
+@pytest.mark.parametrize("options,steps", [({"flow_shift": 5.0}, 3),  # Wan's 720p shift
+                                           ({"solver_order": 3, "final_sigmas_type": "sigma_min"}, 6),
+                                           ({"solver_type": "bh1", "final_sigmas_type": "sigma_min",
+                                             "disable_corrector": [1]}, 5)])
+def test_wan_unipc_flow_options(options, steps, fused_attention_calls):
+    """Wan's UniPC on flow sigmas with the options users set (UniPCMultistepScheduler.from_config(..., flow_shift=5.0),
+    as WanPipeline's docs): fused, exact."""
+    pipe, kwargs = FAMILIES["wan"]()
+    pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config, **options)
+    kwargs["num_inference_steps"] = steps
+    check_accelerated(pipe, kwargs, fused_attention_calls, attention="torch")
+
+
+def test_wan_unipc_karras_flow_sigmas_run_diffusers_step_and_say_so():
+    pipe, kwargs = FAMILIES["wan"]()
+    pipe.scheduler = diffusers.UniPCMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    reference = _run(pipe, kwargs)
+    accelerate(pipe)
+    assert torch.equal(_run(pipe, kwargs), reference)
+    assert "use_karras_sigmas" in acceleration_of(pipe).fallback
+    restore(pipe)
+
+
 def test_auto_attention_off_cuda_leaves_the_models_own(fused_attention_calls):
     """On CPU diffrt's attention would be the same SDPA call the model makes: 'auto' does not install it."""
     pipe, kwargs = build_sdxl()

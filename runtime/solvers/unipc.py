@@ -26,6 +26,15 @@ lower_order_final (for any N, unlike DPM-Solver). Everything is linear, so one t
 both: out = UniP(x_c = UniC(L_{i-1}, M_{i-1..}, x0 = M_i)), and the row writes M_i and
 L_i = x_c to history (M_j in ring slot j % K, K the largest lag read; L in slot K).
 
+Flow sigmas (use_flow_sigmas=True with prediction_type="flow_prediction", Wan 2.1/2.2's config): the levels s_i are
+flow sigmas, x = (1 - s) x0 + s eps, so alpha_i = 1 - s_i, sigma_i = s_i (lambda as above) and the model's velocity m
+gives M = x0 = x - s m (predict_x0; diffusers has no noise-prediction form for flow). Grid, as set_timesteps:
+u = linspace(1, 1/T, N + 1)[:-1] (float64; or the custom ``sigmas``), s = flow_shift u / (1 + (flow_shift - 1) u)
+(use_dynamic_shifting: s = e^mu / (e^mu + 1/u - 1), linear: mu / (mu + 1/u - 1)), then the shift_terminal
+stretch; a first level within 1e-6 of 1 is lowered by 1e-6 (alpha > 0); the model timesteps are int64(s T)
+(truncated); the final level is 0 or (sigma_min) the last s again (h = 0: the last step returns its corrected
+sample). Karras sigmas on flow sigmas are refused.
+
 Precision: predict_x0=False with a "sample" or "v_prediction" model is ill-conditioned in fp32
 (eps = (x - alpha m)/sigma at small sigma; alpha_t/alpha_s0 x - sigma_t (e^h - 1) eps cancels at
 large sigma): diffusers' own fp32 steps are up to ~1e-3 off its fp64 run and ours, one fused
@@ -42,14 +51,15 @@ import torch
 from ..schedule import NoiseSchedule
 from .registry import VP_OPTIONS, register
 from .common import check_first_timestep, check_step_options, check_unsupported, noise_prediction, vp_schedule
+from .flow import check_flow_schedule, shifted, time_shift
 from .multistep import alpha_sigma_lambda
 from .plan import Combo, SolverPlan, StepRow
 from .sigmas import data_prediction, karras_sigmas, multistep_timesteps, sigma_to_t, ve_sigmas, zero_snr_alphas_cumprod
 
 logger = logging.getLogger(__name__)
 NAME = "UniPCMultistepScheduler"
-UNSUPPORTED = {"thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-               "use_flow_sigmas": False, "use_dynamic_shifting": False, "solver_p": None, "shift_terminal": None}
+UNSUPPORTED = {"thresholding": False, "use_exponential_sigmas": False, "use_beta_sigmas": False, "solver_p": None}
+FLOW_STEP_OPTIONS = ("sigmas", "mu")  # set_timesteps' arguments (the flow grid's); ``begin`` is diffrt's (img2img)
 OPTIONS = VP_OPTIONS + ("solver_order", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
                         "predict_x0", "solver_type", "lower_order_final", "disable_corrector", "solver_p",
                         "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas",
@@ -88,6 +98,46 @@ def unipc_grid(alphas_cumprod: torch.Tensor, config: dict, steps: int) -> tuple[
     return timesteps, np.concatenate([grid, [last]]).astype(np.float32)
 
 
+def flow_grid(config: dict, steps: int, sigmas=None, mu=None) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps int64 [N], flow sigmas float32 [N + 1]) as UniPCMultistepScheduler.set_timesteps with
+    use_flow_sigmas (module docstring), in diffusers' precision: float64 for the default grid, the custom
+    ``sigmas``' own dtype otherwise."""
+    n_train = int(config.get("num_train_timesteps", 1000))
+    final = config.get("final_sigmas_type", "zero")
+    if final not in ("zero", "sigma_min"):
+        raise NotImplementedError(f"{NAME}: final_sigmas_type={final!r} is not reproduced (zero, sigma_min)")
+    if sigmas is None:
+        grid = np.linspace(1, 1 / n_train, steps + 1)[:-1]
+    else:
+        grid = np.asarray(sigmas)
+        if grid.ndim != 1 or len(grid) != steps:
+            raise ValueError(f"{NAME}: sigmas must be {steps} values (num_inference_steps), got shape {grid.shape}")
+    if config.get("use_dynamic_shifting", False):
+        grid = time_shift(mu, grid, config.get("time_shift_type", "exponential"))
+    else:
+        grid = shifted(grid, config.get("flow_shift", 1.0))
+    terminal = config.get("shift_terminal")
+    if terminal:
+        one_minus = 1 - grid
+        with np.errstate(divide="ignore", invalid="ignore"):
+            grid = 1 - (one_minus / (one_minus[-1] / (1 - terminal)))
+    if not np.isfinite(grid).all():  # e.g. shift_terminal on a grid that ends at 1 (one step): 0 / 0 there
+        raise ValueError(f"{NAME}: the flow sigmas are not finite ({np.asarray(grid).tolist()[:8]}), as in diffusers' "
+                         "set_timesteps")
+    grid = np.array(grid, copy=True)  # never the caller's array
+    if np.fabs(grid[0] - 1) < 1e-6:  # diffusers: keeps log(alpha) finite at the first level
+        grid[0] -= 1e-6
+    timesteps = torch.from_numpy((grid * n_train).copy()).to(torch.int64).numpy()
+    last = grid[-1] if final == "sigma_min" else 0
+    return timesteps, np.concatenate([grid, [last]]).astype(np.float32)
+
+
+def flow_alpha_sigma_lambda(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha, sigma, lambda) of flow level ``s`` (0-dim float32): 1 - s, s, log alpha - log sigma (diffusers' order)."""
+    alpha, sigma = 1 - s, s
+    return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+
 def unipc_orders(n: int, solver_order: int, lower_order_final: bool) -> list[int]:
     """Predictor order of each of ``n`` steps: min(solver_order, i + 1[, n - i with lower_order_final]).
 
@@ -102,16 +152,17 @@ def unipc_orders(n: int, solver_order: int, lower_order_final: bool) -> list[int
             for i in range(n)]
 
 
-def bh_update(levels: list[torch.Tensor], order: int, predict_x0: bool, bh1: bool, corrector: bool
-              ) -> tuple[float, float, float, list[float], list[float]]:
+def bh_update(levels: list[torch.Tensor], order: int, predict_x0: bool, bh1: bool, corrector: bool,
+              to_alpha_sigma=alpha_sigma_lambda) -> tuple[float, float, float, list[float], list[float]]:
     """(x weight, M_s0 weight, weight of R, [r_1..r_{p-1}], [rho_1..]) of one B(h) update.
 
-    ``levels`` = [s_t, s_s0, s_s1, ...] (float32 0-dim); rho has p entries for the corrector and
-    p - 1 for the predictor. Scalars follow diffusers' float32 expressions; rho is solved in float64.
+    ``levels`` = [s_t, s_s0, s_s1, ...] (float32 0-dim; VE sigmas, or flow sigmas with ``to_alpha_sigma`` =
+    :func:`flow_alpha_sigma_lambda`); rho has p entries for the corrector and p - 1 for the predictor. Scalars
+    follow diffusers' float32 expressions; rho is solved in float64.
     """
-    (alpha_t, sigma_t, lam_t), (alpha_s0, sigma_s0, lam_s0) = [alpha_sigma_lambda(s) for s in levels[:2]]
+    (alpha_t, sigma_t, lam_t), (alpha_s0, sigma_s0, lam_s0) = [to_alpha_sigma(s) for s in levels[:2]]
     h = lam_t - lam_s0
-    rks = [(alpha_sigma_lambda(s)[2] - lam_s0) / h for s in levels[2:order + 1]]
+    rks = [(to_alpha_sigma(s)[2] - lam_s0) / h for s in levels[2:order + 1]]
     hh = -h if predict_x0 else h
     h_phi_1 = torch.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
@@ -187,7 +238,9 @@ def _check_finite_rows(rows: list[StepRow], orders: list[int]) -> None:
 
 
 def _conversion(ptype: str, predict_x0: bool, level: torch.Tensor) -> tuple[float, float]:
-    """(x weight, model weight) of M: data prediction (predict_x0) or noise prediction."""
+    """(x weight, model weight) of M: data prediction (predict_x0) or noise prediction; flow: x0 = x - s m."""
+    if ptype == "flow_prediction":
+        return data_prediction("flow", 1.0 - level.item(), level.item())
     if ptype not in ("epsilon", "v_prediction", "sample"):
         raise NotImplementedError(f"{NAME}: prediction_type={ptype!r} is not reproduced (epsilon, v_prediction, sample)")
     alpha, sigma, _ = alpha_sigma_lambda(level)
@@ -251,27 +304,66 @@ def _solver_type(config: dict) -> bool:
     return solver_type == "bh1"
 
 
+def _flow_checks(schedule: NoiseSchedule, config: dict, step_options: dict, predict_x0: bool) -> None:
+    """Refuse, by name, the flow-sigma combinations not reproduced, and what diffusers' set_timesteps refuses."""
+    ptype = config.get("prediction_type", "epsilon")
+    if ptype != "flow_prediction":
+        raise NotImplementedError(f"{NAME}: use_flow_sigmas=True with prediction_type={ptype!r} is not reproduced "
+                                  "(flow_prediction only)")
+    if not predict_x0:
+        raise NotImplementedError(f"{NAME}: predict_x0=False with prediction_type='flow_prediction' is not reproduced "
+                                  "(diffusers' convert_model_output has no noise prediction for flow either)")
+    if config.get("use_karras_sigmas", False):
+        raise NotImplementedError(f"{NAME}: use_karras_sigmas=True with use_flow_sigmas=True is not reproduced")
+    check_flow_schedule(schedule, NAME)
+    if config.get("use_dynamic_shifting", False):
+        if step_options.get("mu") is None:
+            raise ValueError(f"{NAME}: use_dynamic_shifting=True needs mu, as diffusers' set_timesteps does")
+        kind = config.get("time_shift_type", "exponential")
+        if kind not in ("exponential", "linear"):
+            raise NotImplementedError(f"{NAME}: time_shift_type={kind!r} is not reproduced (exponential, linear)")
+
+
+def _vp_checks(config: dict, step_options: dict) -> None:
+    """Refuse, by name, the flow options on the VP branch (diffusers: flow_prediction would use VE sigmas as s,
+    dynamic shifting would ignore mu; custom sigmas and shift_terminal it refuses itself)."""
+    if config.get("prediction_type") == "flow_prediction":
+        raise NotImplementedError(f"{NAME}: prediction_type='flow_prediction' without use_flow_sigmas is not reproduced")
+    if config.get("use_dynamic_shifting", False):
+        raise NotImplementedError(f"{NAME}: use_dynamic_shifting=True without use_flow_sigmas is not reproduced")
+    if config.get("shift_terminal") is not None:
+        raise ValueError(f"{NAME}: shift_terminal needs use_flow_sigmas=True, as diffusers says")
+    if step_options.get("sigmas") is not None:
+        raise ValueError(f"{NAME}: custom sigmas need use_flow_sigmas=True, as diffusers' set_timesteps says")
+
+
 @register(NAME, OPTIONS, presets={"unipc": {"solver_type": "bh2", "solver_order": 2}})
 def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict) -> SolverPlan:
-    """Plan of diffusers' UniPCMultistepScheduler. Step option ``begin`` (diffrt's): the loop starts at that index
+    """Plan of diffusers' UniPCMultistepScheduler. Step options: set_timesteps' ``sigmas`` and ``mu`` (flow sigmas;
+    mu without use_dynamic_shifting is ignored, as there) and ``begin`` (diffrt's): the loop starts at that index
     of the scheduler's timesteps (img2img's ``set_begin_index``), where diffusers' UniPC starts afresh: no
     corrector at the first step (no last sample), the warm-up orders counted from there. The plan's rows are the
     steps from ``begin`` on."""
     check_unsupported(config, UNSUPPORTED, NAME)
-    check_step_options(step_options, ("begin",), NAME)
+    check_step_options(step_options, ("begin", *FLOW_STEP_OPTIONS), NAME)
     begin = int(step_options.get("begin", 0))
-    if config.get("prediction_type") == "flow_prediction":
-        raise NotImplementedError(f"{NAME}: prediction_type='flow_prediction' is not reproduced")
-    ptype = vp_schedule(schedule, NAME)
     bh1 = _solver_type(config)
     predict_x0 = bool(config.get("predict_x0", True))
-    if not predict_x0 and ptype != "epsilon":
-        logger.warning("%s: predict_x0=False with prediction_type=%r is ill-conditioned in fp32; parity with "
-                       "diffusers is ~1e-4 (both are that far from the fp64 trajectory), not 1e-5", NAME, ptype)
-    alphas_cumprod = schedule.alphas_cumprod
-    if config.get("rescale_betas_zero_snr", schedule.config.get("rescale_betas_zero_snr", False)):
-        alphas_cumprod = zero_snr_alphas_cumprod(alphas_cumprod)
-    timesteps, sigmas = unipc_grid(alphas_cumprod, config, steps)
+    flow = bool(config.get("use_flow_sigmas", False))
+    if flow:
+        _flow_checks(schedule, config, step_options, predict_x0)
+        ptype, to_alpha_sigma = "flow_prediction", flow_alpha_sigma_lambda
+        timesteps, sigmas = flow_grid(config, steps, step_options.get("sigmas"), step_options.get("mu"))
+    else:
+        _vp_checks(config, step_options)
+        ptype, to_alpha_sigma = vp_schedule(schedule, NAME), alpha_sigma_lambda
+        if not predict_x0 and ptype != "epsilon":
+            logger.warning("%s: predict_x0=False with prediction_type=%r is ill-conditioned in fp32; parity with "
+                           "diffusers is ~1e-4 (both are that far from the fp64 trajectory), not 1e-5", NAME, ptype)
+        alphas_cumprod = schedule.alphas_cumprod
+        if config.get("rescale_betas_zero_snr", schedule.config.get("rescale_betas_zero_snr", False)):
+            alphas_cumprod = zero_snr_alphas_cumprod(alphas_cumprod)
+        timesteps, sigmas = unipc_grid(alphas_cumprod, config, steps)
     check_first_timestep(timesteps, NAME)
     if not 0 <= begin < len(timesteps):
         raise ValueError(f"{NAME}: begin must index one of the {len(timesteps)} steps, got {begin}")
@@ -290,9 +382,9 @@ def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict)
         if corrected[i]:
             q = orders[i - 1]
             corr = bh_update([levels[i], levels[i - 1]] + [levels[i - 1 - k] for k in range(1, q)], q,
-                             predict_x0, bh1, corrector=True)
+                             predict_x0, bh1, corrector=True, to_alpha_sigma=to_alpha_sigma)
         pred = bh_update([levels[i + 1], levels[i]] + [levels[i - k] for k in range(1, orders[i])], orders[i],
-                         predict_x0, bh1, corrector=False)
+                         predict_x0, bh1, corrector=False, to_alpha_sigma=to_alpha_sigma)
         coefs.append((corr, pred))
     outs, corrected_forms = trajectory_forms(n, orders, corrected, coefs)
     conversions = [_conversion(ptype, predict_x0, levels[i]) for i in range(n)]
@@ -300,4 +392,4 @@ def build(schedule: NoiseSchedule, config: dict, steps: int, step_options: dict)
     _check_finite_rows(rows, orders)
     return SolverPlan("unipc", rows, n_slots, init_noise_sigma=1.0,
                       options={"solver_type": "bh1" if bh1 else "bh2", "predict_x0": predict_x0, "orders": orders,
-                               "corrected": corrected})
+                               "corrected": corrected, "flow_sigmas": flow})
