@@ -39,13 +39,14 @@ log = logging.getLogger(__name__)
 
 _LOGGED: set[str] = set()
 PLAN_CACHE_SIZE = 64  # plans kept across calls (a pipeline called again plans nothing)
+STATE_CACHE_SIZE = 8  # trajectory buffers a pipeline keeps across calls (FusedScheduler's ``states``)
 _PLAN_CACHE: OrderedDict[tuple, SolverPlan] = OrderedDict()
 # what step(..., return_dict=False) returns beside prev_sample, per class: "x0", "denoised" or nothing
 SECOND_OUTPUT = {"DDIMScheduler": "x0", "EulerDiscreteScheduler": "x0", "EulerAncestralDiscreteScheduler": "x0",
                  "HeunDiscreteScheduler": "x0", "LMSDiscreteScheduler": "x0", "KDPM2DiscreteScheduler": "x0",
                  "KDPM2AncestralDiscreteScheduler": "x0", "EDMEulerScheduler": "x0", "LCMScheduler": "denoised",
                  "TCDScheduler": "denoised"}
-STEP_ARGUMENTS = ("model_output", "timestep", "sample", "generator", "return_dict")
+STEP_KEYS = frozenset(("model_output", "timestep", "sample", "generator", "return_dict"))  # step() arguments, not options
 
 
 class StepOutput:
@@ -64,10 +65,12 @@ class StepOutput:
 
 
 class FusedScheduler:
-    """Stands in for ``scheduler`` (module docstring); ``backend`` is the solver-step backend."""
+    """Stands in for ``scheduler`` (module docstring); ``backend`` is the solver-step backend. ``states``: a dict
+    the owner keeps across calls (one pipeline's), where a trajectory's buffers and prepared step kernel are kept
+    and reused by the next call with the same plan and latent shape (reset, not reallocated); None: none kept."""
 
-    def __init__(self, scheduler: Any, backend: str = "auto"):
-        self.__dict__.update(_scheduler=scheduler, _backend=backend, fallback=None, _plan=None, _plans={},
+    def __init__(self, scheduler: Any, backend: str = "auto", states: dict | None = None):
+        self.__dict__.update(_scheduler=scheduler, _backend=backend, _states=states, fallback=None, _plan=None, _plans={},
                              _set_arguments={}, _state=None, _begin=0, _step_options={}, _slice=None, _slices=None,
                              _started=False,
                              _set_signature=_signature(scheduler, "set_timesteps"),
@@ -117,14 +120,17 @@ class FusedScheduler:
     def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any):
         arguments = kwargs if not args else self._step_signature.bind(model_output, timestep, sample, *args,
                                                                        **kwargs).arguments
-        options = {k: v for k, v in arguments.items() if k not in STEP_ARGUMENTS}
-        if self._plan is not None and options != self._step_options:
-            self.__dict__["_step_options"] = options
-            self._use_plan()
-        if self._plan is not None and not self._started:
-            self._check_start(timestep)
-        elif self._plan is not None and self._slices and self._state is not None and self._state.row == 1:
-            self._check_second(timestep)
+        if self._plan is not None:  # (this runs every step of every call: the common case reads few attributes)
+            if not arguments.keys() <= STEP_KEYS or self._step_options:
+                options = {k: v for k, v in arguments.items() if k not in STEP_KEYS}
+                if options != self._step_options:
+                    self.__dict__["_step_options"] = options
+                    self._use_plan()
+            if not self._started:
+                if self._plan is not None:
+                    self._check_start(timestep)
+            elif self._slices and self._plan is not None and self._state is not None and self._state.row == 1:
+                self._check_second(timestep)
         if self._plan is None:
             return self._scheduler.step(model_output, timestep, sample, *args, **kwargs)
         prev_sample, second = self._fused_step(model_output, sample, arguments.get("generator"))
@@ -261,7 +267,16 @@ class FusedScheduler:
         return out, second
 
     def _new_state(self, plan: SolverPlan, sample: torch.Tensor) -> SimpleNamespace:
-        device = sample.device
+        device, states = sample.device, self._states
+        key = (id(plan), sample.shape, sample.dtype, device, self._begin)
+        state = None if states is None else states.get(key)
+        if state is not None and state.plan is plan:  # an earlier call's buffers: reset as a new state starts
+            state.row = self._begin
+            state.step.fill_(self._begin)
+            if state.history is not None:
+                state.history.zero_()
+            self.__dict__["_state"] = state
+            return state
         table, itable = _device_tables(plan, device)
         noise_index = _noise_index(plan)
         count = plan.n_noise
@@ -272,6 +287,10 @@ class FusedScheduler:
             history=torch.zeros((plan.n_slots, *sample.shape), dtype=sample.dtype, device=device) if plan.n_slots else None,
             noise=torch.zeros((count, *sample.shape), dtype=sample.dtype, device=device) if count else None)
         self.__dict__["_state"] = state
+        if states is not None:
+            if len(states) >= STATE_CACHE_SIZE:
+                states.clear()
+            states[key] = state
         return state
 
     def _second_output(self, kind: str, row, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:

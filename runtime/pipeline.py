@@ -66,6 +66,7 @@ class PipelineAcceleration:
     fast: OptimizedDenoiser
     step_backend: str
     last_scheduler: FusedScheduler | None = None
+    step_states: dict = field(default_factory=dict)  # FusedScheduler's trajectory buffers, reused across calls
     guidance: "AdaptiveGuidance | None" = None
     graphs: "GraphedCalls | None" = None
 
@@ -158,7 +159,7 @@ def _accelerated_class(cls: type) -> type:
         def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N807
             state: PipelineAcceleration = getattr(self, STATE)
             scheduler = self.__dict__.get("scheduler")
-            fused = FusedScheduler(scheduler, state.step_backend)
+            fused = FusedScheduler(scheduler, state.step_backend, state.step_states)
             state.last_scheduler = fused
             if state.guidance is not None:
                 state.guidance.begin(self, cls, args, kwargs)

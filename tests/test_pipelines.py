@@ -299,3 +299,21 @@ def test_cuda_graphs_replay_the_pipeline_on_cuda(family):
     assert any(runner.timings for runner, _ in runners.values()), "no CUDA graph was captured"
     assert relative_error(first, reference) <= 1e-4 and torch.equal(first, second)
     restore(pipe)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"])
+def test_calls_reuse_the_trajectory_buffers_exactly(name):
+    """A pipeline called again with the same plan and latent shape reuses its step buffers and prepared kernel
+    (reset: step index, history): every call equals the original pipeline's, also after a call of another shape."""
+    pipe, kwargs = build_sd15()
+    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
+    kwargs["guidance_scale"] = 3.0
+    other = dict(kwargs, height=48, width=48)
+    references = [_run(pipe, kwargs, 0), _run(pipe, kwargs, 1), _run(pipe, other, 2), _run(pipe, kwargs, 3)]
+    accelerate(pipe)
+    outputs = [_run(pipe, kwargs, 0), _run(pipe, kwargs, 1), _run(pipe, other, 2), _run(pipe, kwargs, 3)]
+    state = acceleration_of(pipe)
+    assert state.fallback is None and len(state.step_states) == 2  # one per latent shape, reused
+    for fast, reference in zip(outputs, references):
+        assert relative_error(fast, reference) <= TOL
+    restore(pipe)
