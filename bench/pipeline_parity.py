@@ -33,7 +33,9 @@ SD_SWAPS = [("DPMSolverMultistepScheduler", {}), ("DPMSolverMultistepScheduler",
             ("DDIMScheduler", {}), ("PNDMScheduler", {}), ("LCMScheduler", {}), ("TCDScheduler", {})]
 SWAPS: dict[str, list[tuple[str, dict]]] = {
     "sd15": SD_SWAPS,
-    "sd15-img2img": [("DPMSolverMultistepScheduler", {}), ("EulerAncestralDiscreteScheduler", {}), ("DDIMScheduler", {})],
+    "sd15-img2img": [("DPMSolverMultistepScheduler", {}), ("EulerAncestralDiscreteScheduler", {}), ("DDIMScheduler", {}),
+                     ("UniPCMultistepScheduler", {}), ("LMSDiscreteScheduler", {}), ("DPMSolverSinglestepScheduler", {}),
+                     ("DEISMultistepScheduler", {}), ("HeunDiscreteScheduler", {})],
     "sd-turbo": [("EulerAncestralDiscreteScheduler", {}), ("DDIMScheduler", {}), ("LCMScheduler", {})],
     "sdxl": [("EulerAncestralDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
              ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}), ("UniPCMultistepScheduler", {}),
@@ -48,6 +50,8 @@ SWAPS: dict[str, list[tuple[str, dict]]] = {
     "flux-schnell": [("FlowMatchEulerDiscreteScheduler", {"use_exponential_sigmas": True})],  # stochastic_sampling:
     # FluxPipeline passes no generator to step(), so diffusers' own output is not reproducible there
     "flux-dev": [("FlowMatchEulerDiscreteScheduler", {"time_shift_type": "linear"})],
+    "ltx-video": [],
+    "wan": [("UniPCMultistepScheduler", {"flow_shift": 5.0}), ("FlowMatchEulerDiscreteScheduler", {"shift": 5.0})],
 }
 PERTURBATION = 1e-7
 README_START, README_END = "<!-- pipeline-parity:start -->", "<!-- pipeline-parity:end -->"
