@@ -195,20 +195,32 @@ def _log_fallback(layer: Layer, reason: str) -> None:
         log.warning("%s: running the original attention processor (%s)", layer.name, reason)
 
 
-class DiffrtProcessor:
-    """diffusers ``Attention`` processor (the computation of AttnProcessor2_0, attention by diffrt)."""
+class _Processor:
+    """What diffrt's processors share: the module's original processor, the layer's plan, and the choice per call
+    between diffrt's attention and the original (:meth:`_active`)."""
 
     def __init__(self, original: Any, layer: Layer):
         self.original = original
         self.layer = layer
 
+    def _active(self, fallback: str | None) -> tuple | None:
+        """(settings, sample H x W) when diffrt's attention runs this call; None when the original processor must:
+        outside an optimized call, or for ``fallback`` (a reason, logged once per layer)."""
+        active = context.current().attention
+        if active is not None and fallback is not None:
+            _log_fallback(self.layer, fallback)
+            return None
+        return active
+
+
+class DiffrtProcessor(_Processor):
+    """diffusers ``Attention`` processor (the computation of AttnProcessor2_0, attention by diffrt)."""
+
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, *args, **kwargs):
-        active = context.current().attention
-        if active is None or attention_mask is not None or args or kwargs:
-            if active is not None:
-                _log_fallback(self.layer, "an attention mask or extra arguments" if attention_mask is not None
-                              else f"extra arguments {sorted(kwargs)}")
+        active = self._active("an attention mask or extra arguments" if attention_mask is not None
+                              else f"extra arguments {sorted(kwargs)}" if args or kwargs else None)
+        if active is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         settings, sample_hw = active
         residual = hidden_states
@@ -250,23 +262,17 @@ class DiffrtProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
-class DiffrtFluxProcessor:
+class DiffrtFluxProcessor(_Processor):
     """diffusers ``FluxAttention`` processor (FluxAttnProcessor's computation, attention by diffrt).
 
     Joint blocks concatenate text and image tokens, so ToDo and window masks do not apply there;
     single-stream and image-only self-attention get them like any self-attention.
     """
 
-    def __init__(self, original: Any, layer: Layer):
-        self.original = original
-        self.layer = layer
-
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None):
-        active = context.current().attention
-        if active is None or attention_mask is not None:
-            if active is not None:
-                _log_fallback(self.layer, "an attention mask")
+        active = self._active("an attention mask" if attention_mask is not None else None)
+        if active is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.embeddings import apply_rotary_emb  # noqa: PLC0415
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections  # noqa: PLC0415
@@ -296,20 +302,15 @@ class DiffrtFluxProcessor:
         return image, attn.to_add_out(text.contiguous())
 
 
-class DiffrtJointProcessor:
+class DiffrtJointProcessor(_Processor):
     """diffusers ``JointAttnProcessor2_0`` (Stable Diffusion 3's MMDiT blocks), attention by diffrt: image
     and text tokens attend jointly ([image, text]), so ToDo and window masks do not apply."""
 
-    def __init__(self, original: Any, layer: Layer):
-        self.original = original
-        self.layer = layer
-
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
-        active = context.current().attention
-        if active is None or attention_mask is not None or args or kwargs:
-            if active is not None:
-                _log_fallback(self.layer, "an attention mask or extra arguments")
+        active = self._active("an attention mask or extra arguments" if attention_mask is not None or args or kwargs
+                              else None)
+        if active is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         batch, image_tokens = hidden_states.shape[:2]
         head_dim = attn.to_k.out_features // attn.heads
@@ -340,21 +341,15 @@ class DiffrtJointProcessor:
         return image, (text if attn.context_pre_only else attn.to_add_out(text))
 
 
-class DiffrtLTXProcessor:
+class DiffrtLTXProcessor(_Processor):
     """diffusers ``LTXVideoAttnProcessor`` (LTX-Video's ``LTXAttention``), attention by diffrt: q/k RMSNorm across
     heads, LTX's interleaved RoPE on the video self-attention. The text cross-attention carries the prompt's
     attention mask, so it runs the original processor (logged once per layer)."""
 
-    def __init__(self, original: Any, layer: Layer):
-        self.original = original
-        self.layer = layer
-
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: Any = None):
-        active = context.current().attention
-        if active is None or attention_mask is not None:
-            if active is not None:
-                _log_fallback(self.layer, "an attention mask")
+        active = self._active("an attention mask" if attention_mask is not None else None)
+        if active is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         from diffusers.models.transformers.transformer_ltx import apply_rotary_emb  # noqa: PLC0415
 
@@ -389,24 +384,18 @@ def _frame_grid(sample_hw: tuple[int, int] | None, tokens: int, patch: int) -> t
     return (grid, 0) if grid[0] * grid[1] == tokens else None
 
 
-class DiffrtWanProcessor:
+class DiffrtWanProcessor(_Processor):
     """diffusers ``WanAttnProcessor`` (Wan 2.1 / 2.2's ``WanAttention``), attention by diffrt: q/k RMSNorm across
     heads, Wan's interleaved RoPE on the video self-attention, the text cross-attention. Image-to-video
     cross-attention (the added image keys / values) and attention masks run the original processor (logged once
     per layer)."""
 
-    def __init__(self, original: Any, layer: Layer):
-        self.original = original
-        self.layer = layer
-
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, rotary_emb: Any = None, **kwargs):
-        active = context.current().attention
-        if active is None or attention_mask is not None or attn.add_k_proj is not None or kwargs:
-            if active is not None:
-                _log_fallback(self.layer, "an attention mask" if attention_mask is not None else
-                              "image-to-video's added image keys" if attn.add_k_proj is not None
-                              else f"extra arguments {sorted(kwargs)}")
+        active = self._active("an attention mask" if attention_mask is not None else
+                              "image-to-video's added image keys" if attn.add_k_proj is not None else
+                              f"extra arguments {sorted(kwargs)}" if kwargs else None)
+        if active is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections  # noqa: PLC0415
 

@@ -152,8 +152,13 @@ def test_unipc_configs_diffusers_turns_to_nan(config, match):
 def test_unipc_begin_restarts_like_set_begin_index(config, begin):
     """Step option ``begin``: the plan of a loop started at that index (img2img), where diffusers' UniPC starts its
     warm-up afresh and runs no corrector first; every step <= 1e-5 of diffusers' with set_begin_index."""
-    steps = 8
-    scheduler = UniPCMultistepScheduler(**SD, **config)
+    check_begin(dict(SD, **config), begin)
+
+
+def check_begin(config: dict, begin: int, steps: int = 8) -> None:
+    """diffrt's plan with ``begin`` against diffusers' UniPC (``config``) started there by set_begin_index, from the
+    same sample: the timesteps equal, every step <= 1e-5; a begin past the grid is refused."""
+    scheduler = UniPCMultistepScheduler(**config)
     scheduler.set_timesteps(steps)
     scheduler.set_begin_index(begin)
     start = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(begin))
@@ -161,16 +166,16 @@ def test_unipc_begin_restarts_like_set_begin_index(config, begin):
     for t in scheduler.timesteps[begin:]:
         x = scheduler.step(toy_fn(x, t, None), t, x).prev_sample
         expected.append(x)
-    plan = plan_from_scheduler(UniPCMultistepScheduler(**SD, **config), steps, begin=begin)
-    assert plan.timesteps().tolist() == scheduler.timesteps[begin:].float().tolist()
-    sampler = Sampler.from_plan(Denoiser(ToyModel(), NoiseSchedule.from_config(SD), sample_shape=(3, 8, 8)), plan)
+    plan = plan_from_scheduler(UniPCMultistepScheduler(**config), steps, begin=begin)
+    assert plan.timesteps().double().tolist() == scheduler.timesteps[begin:].double().tolist()
+    sampler = Sampler.from_plan(Denoiser(ToyModel(), NoiseSchedule.from_config(config), sample_shape=(3, 8, 8)), plan)
     state = sampler.start(start)
     for i in range(sampler.steps):
         x_in, t = sampler.model_inputs(state)
         sampler.step(state, sampler.denoiser(x_in, t, None))
         assert rel_err(state.x, expected[i]) <= 1e-5, f"step {begin + i}"
-    with pytest.raises(ValueError, match="begin must index one of the 8 steps"):
-        plan_from_scheduler(UniPCMultistepScheduler(**SD, **config), steps, begin=steps)
+    with pytest.raises(ValueError, match=f"begin must index one of the {steps} steps"):
+        plan_from_scheduler(UniPCMultistepScheduler(**config), steps, begin=steps)
 
 
 # --- flow sigmas (use_flow_sigmas + flow_prediction): Wan 2.1 / 2.2 ----------------------------------------------
@@ -264,25 +269,7 @@ def test_unipc_flow_grid_options(config, grid, steps):
 def test_unipc_flow_begin_restarts_like_set_begin_index(config, begin):
     """``begin`` on flow sigmas (img2img / video2video): diffusers' UniPC restarts its warm-up there, no corrector
     first; every step <= 1e-5 of diffusers' with set_begin_index."""
-    steps = 8
-    scheduler = UniPCMultistepScheduler(**config)
-    scheduler.set_timesteps(steps)
-    scheduler.set_begin_index(begin)
-    start = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(begin))
-    x, expected = start.clone(), []
-    for t in scheduler.timesteps[begin:]:
-        x = scheduler.step(toy_fn(x, t, None), t, x).prev_sample
-        expected.append(x)
-    plan = plan_from_scheduler(UniPCMultistepScheduler(**config), steps, begin=begin)
-    assert plan.timesteps().tolist() == scheduler.timesteps[begin:].double().tolist()
-    sampler = Sampler.from_plan(Denoiser(ToyModel(), NoiseSchedule.from_config(config), sample_shape=(3, 8, 8)), plan)
-    state = sampler.start(start)
-    for i in range(sampler.steps):
-        x_in, t = sampler.model_inputs(state)
-        sampler.step(state, sampler.denoiser(x_in, t, None))
-        assert rel_err(state.x, expected[i]) <= 1e-5, f"step {begin + i}"
-    with pytest.raises(ValueError, match="begin must index one of the 8 steps"):
-        plan_from_scheduler(UniPCMultistepScheduler(**config), steps, begin=steps)
+    check_begin(config, begin)
 
 
 @pytest.mark.parametrize("config,error,match", [
